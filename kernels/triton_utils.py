@@ -1,0 +1,21 @@
+"""Small pieces shared by the Triton kernels."""
+
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+
+# Triton's CPU interpreter multiplies bf16 tiles as their raw 16-bit patterns in `tl.dot`; under it
+# the kernels upcast dot operands to fp32 first (same math, exact products).
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def dot(a, b, INTERPRET: tl.constexpr):
+    """`a @ b` with fp32 accumulation."""
+    if INTERPRET:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32))
+    else:
+        return tl.dot(a, b)
