@@ -1,0 +1,664 @@
+"""`Runner`: the agent loop against an OpenAI-compatible DeepSeek-V4 endpoint.
+
+One run = one user task. Each model turn streams a chat completion; if the model asked for tools, all calls
+of the turn run concurrently and their results are appended *in call order* with their `tool_call_id`s (V4
+folds results into one user turn sorted by call order), then the model is called again. The loop ends when a
+turn has no tool calls (its content is the final output) or a limit is hit.
+
+Reasoning replay. Every assistant message goes back to the server exactly as the model produced it,
+including `reasoning_content` and the original `arguments` text. The V4 encoder then applies its own rule
+(spec 6 / 6.1): with tools declared it keeps the reasoning of every assistant turn (the prompt of turn k+1
+extends the prompt of turn k byte for byte, so the prefix cache hits), and without tools it drops the
+reasoning of turns before the last user message itself. Sending all of it is therefore both what the model
+was trained on and what keeps the prefix stable; stripping reasoning client-side would make the server render
+an empty `<think></think>` in place of what the model actually generated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import random
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import httpx
+import openai
+import pydantic
+
+from dsv4_agent.agent.agent import Agent
+from dsv4_agent.agent.context import ContextPolicy
+from dsv4_agent.agent.errors import (
+    AgentError,
+    ContextWindowExceeded,
+    MaxTurnsExceeded,
+    ModelHTTPError,
+    RunCancelled,
+    TokenBudgetExceeded,
+    ToolCallError,
+    ToolExecutionError,
+    ToolTimeoutError,
+    UnknownToolError,
+)
+from dsv4_agent.agent.events import (
+    ContentDelta,
+    ContextTrimmed,
+    Event,
+    FinalOutput,
+    ReasoningDelta,
+    ToolCallArgumentsDelta,
+    ToolCallFinished,
+    ToolCallStarted,
+    ToolResult,
+    TurnFinished,
+    TurnRetried,
+    TurnStarted,
+    TurnUsage,
+    Usage,
+)
+
+__all__ = ["Runner", "RunResult", "RunStream", "SyncRunStream", "Limits", "RetryPolicy", "DEFAULT_BASE_URL"]
+
+DEFAULT_BASE_URL = "http://127.0.0.1:30000/v1"
+CANCELLED_TOOL_OUTPUT = "Error: the call was cancelled before it finished (the user stopped the run)."
+BUDGET_TOOL_OUTPUT = "Error: the call was not run: the run's token budget was used up."
+
+
+@dataclasses.dataclass
+class Limits:
+    """Per-run limits. `max_turns` counts model calls; `tool_timeout` (seconds) applies to each tool call
+    unless the tool sets its own; `max_total_tokens` bounds prompt + completion tokens summed over turns."""
+
+    max_turns: int = 20
+    tool_timeout: float | None = 120.0
+    max_total_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_turns < 1:
+            raise ValueError(f"max_turns: expected >= 1, got {self.max_turns}")
+
+
+@dataclasses.dataclass
+class RetryPolicy:
+    """Retries of a model turn on transient failures: connection errors and timeouts (also mid-stream),
+    HTTP 408/409/429 and 5xx. Exponential backoff with jitter; a `Retry-After` header is honoured (capped)."""
+
+    max_retries: int = 3
+    initial_delay_s: float = 0.5
+    max_delay_s: float = 8.0
+
+    def delay(self, attempt: int, error: BaseException) -> float:
+        retry_after = _retry_after_seconds(error)
+        if retry_after is not None:
+            return min(retry_after, self.max_delay_s)
+        base = min(self.initial_delay_s * 2 ** (attempt - 1), self.max_delay_s)
+        return base * (0.5 + random.random() / 2)
+
+
+@dataclasses.dataclass
+class RunResult:
+    """The outcome of a run. `messages` is the whole conversation without the system message, ready to be
+    passed as `history=` to the next run (multi-turn chat keeps the prefix stable that way)."""
+
+    final_output: str
+    reasoning: str  # reasoning of the final turn
+    messages: list[dict[str, Any]]
+    new_messages_start: int
+    turns: int
+    usage: Usage
+    turn_usage: list[Usage]
+
+    @property
+    def new_messages(self) -> list[dict[str, Any]]:
+        return self.messages[self.new_messages_start :]
+
+
+@dataclasses.dataclass
+class _RunState:
+    """Mutable state of a run in progress; it yields a consistent RunResult at any await point."""
+
+    history: list[dict[str, Any]]
+    new_start: int
+    turn: int = 0
+    usage: Usage = dataclasses.field(default_factory=Usage)
+    turn_usage: list[Usage] = dataclasses.field(default_factory=list)
+    final_output: str = ""
+    reasoning: str = ""
+    # Calls of the last assistant message whose results are not in `history` yet, and the outputs of those
+    # that finished: a run stopped while tools ran still leaves a continuable history in which every call
+    # has a result with its id ("cancelled" for the unfinished ones).
+    pending_calls: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    pending_outputs: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def result(self) -> RunResult:
+        history = list(self.history)
+        history += [
+            {
+                "role": "tool",
+                "tool_call_id": c["id"],
+                "content": self.pending_outputs.get(c["id"], CANCELLED_TOOL_OUTPUT),
+            }
+            for c in self.pending_calls
+        ]
+        return RunResult(
+            self.final_output,
+            self.reasoning,
+            history,
+            self.new_start,
+            self.turn,
+            self.usage,
+            list(self.turn_usage),
+        )
+
+
+class Runner:
+    """Runs agents against one endpoint. Pass an `openai.AsyncOpenAI` client, or a base URL / API key.
+
+    Defaults: base URL from `$DSV4_BASE_URL`, else `http://127.0.0.1:30000/v1`; API key from `$DSV4_API_KEY`,
+    else `$OPENAI_API_KEY`, else "EMPTY". The client's own retries are switched off: `RetryPolicy` retries
+    whole turns, including streams that break midway.
+    """
+
+    def __init__(
+        self,
+        client: openai.AsyncOpenAI | None = None,
+        *,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        model: str | None = None,
+        limits: Limits | None = None,
+        retry: RetryPolicy | None = None,
+        context: ContextPolicy | None = None,
+        request_timeout_s: float = 600.0,
+    ) -> None:
+        if client is None:
+            client = openai.AsyncOpenAI(
+                base_url=base_url or os.environ.get("DSV4_BASE_URL") or DEFAULT_BASE_URL,
+                api_key=api_key
+                or os.environ.get("DSV4_API_KEY")
+                or os.environ.get("OPENAI_API_KEY")
+                or "EMPTY",
+                timeout=httpx.Timeout(request_timeout_s, connect=10.0),
+            )
+        self.client = client.with_options(max_retries=0)
+        self.model = model
+        self.limits = limits or Limits()
+        self.retry = retry or RetryPolicy()
+        self.context = context or ContextPolicy()
+        self._loop: asyncio.AbstractEventLoop | None = None  # private loop of the sync API
+
+    # ---- async API -------------------------------------------------------------------------------------
+
+    async def run(
+        self,
+        agent: Agent,
+        input: str | list[dict[str, Any]],
+        *,
+        history: list[dict[str, Any]] | None = None,
+        limits: Limits | None = None,
+    ) -> RunResult:
+        """Run to the final output. Limits raise their AgentError with `.result` (the run so far) attached;
+        cancelling the awaiting task cancels the running tool calls and closes the HTTP stream."""
+        async with self.stream(agent, input, history=history, limits=limits) as stream:
+            async for _ in stream:
+                pass
+        assert stream.result is not None
+        return stream.result
+
+    def stream(
+        self,
+        agent: Agent,
+        input: str | list[dict[str, Any]],
+        *,
+        history: list[dict[str, Any]] | None = None,
+        limits: Limits | None = None,
+    ) -> RunStream:
+        """Start a run and iterate over its events (`async for event in runner.stream(...)`)."""
+        state = _RunState(history=list(history or []) + _as_messages(input), new_start=len(history or []))
+        return RunStream(self._events(agent, state, limits or self.limits), state)
+
+    # ---- sync API ----------------------------------------------------------------------------------------
+
+    def run_sync(
+        self,
+        agent: Agent,
+        input: str | list[dict[str, Any]],
+        *,
+        history: list[dict[str, Any]] | None = None,
+        limits: Limits | None = None,
+    ) -> RunResult:
+        """`run` for code without an event loop (runs on the Runner's private loop)."""
+        return self._sync_loop().run_until_complete(self.run(agent, input, history=history, limits=limits))
+
+    def stream_sync(
+        self,
+        agent: Agent,
+        input: str | list[dict[str, Any]],
+        *,
+        history: list[dict[str, Any]] | None = None,
+        limits: Limits | None = None,
+    ) -> SyncRunStream:
+        """`stream` for code without an event loop: `for event in runner.stream_sync(...)`."""
+        loop = self._sync_loop()
+        return SyncRunStream(self.stream(agent, input, history=history, limits=limits), loop)
+
+    def close(self) -> None:
+        """Close the HTTP client and the private loop of the sync API."""
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.run_until_complete(self.client.close())
+            self._loop.close()
+
+    def _sync_loop(self) -> asyncio.AbstractEventLoop:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            pass
+        else:
+            raise RuntimeError(
+                "run_sync/stream_sync called from a running event loop: use `await runner.run`"
+            )
+        if self._loop is None or self._loop.is_closed():
+            self._loop = asyncio.new_event_loop()
+        return self._loop
+
+    # ---- the loop ------------------------------------------------------------------------------------------
+
+    async def _events(self, agent: Agent, state: _RunState, limits: Limits) -> AsyncIterator[Event]:
+        model = agent.model or self.model or await self._default_model()
+        options = agent.request_options()
+        system = [{"role": "system", "content": agent.instructions}] if agent.instructions else []
+        tools = agent.tool_map()
+        sizing = [{**(system[0] if system else {"role": "system"}), "tools": options.get("tools", [])}]
+        anchor: tuple[int, int] | None = None  # (messages covered, tokens) from the last server usage
+        while True:
+            state.turn += 1
+            turn = state.turn
+            fitted = self.context.fit(sizing, state.history, anchor)
+            if fitted is not None:
+                state.history, stats = fitted
+                state.new_start = max(0, state.new_start - stats["dropped"])
+                anchor = None
+                yield ContextTrimmed(turn, stats["elided"], stats["dropped"], stats["before"], stats["after"])
+            yield TurnStarted(turn)
+            turn_out = _TurnOutput()
+            async for event in self._model_turn(turn, model, system + state.history, options, turn_out):
+                yield event
+            message = turn_out.message(agent.thinking)
+            state.history.append(message)
+            state.turn_usage.append(turn_out.usage)
+            state.usage = state.usage + turn_out.usage
+            state.reasoning, state.final_output = turn_out.reasoning, turn_out.content
+            anchor = (
+                (len(sizing) + len(state.history), turn_out.usage.total_tokens)
+                if turn_out.has_usage
+                else None
+            )
+            for index, call in enumerate(turn_out.calls):
+                yield ToolCallFinished(turn, index, call.id, call.name, call.arguments)
+            yield TurnUsage(turn, turn_out.usage)
+            yield TurnFinished(turn, turn_out.finish_reason, message)
+
+            state.pending_calls, state.pending_outputs = list(message.get("tool_calls", [])), {}
+            if limits.max_total_tokens is not None and state.usage.total_tokens > limits.max_total_tokens:
+                state.pending_outputs = {c["id"]: BUDGET_TOOL_OUTPUT for c in state.pending_calls}
+                raise _with_result(
+                    TokenBudgetExceeded(state.usage.total_tokens, limits.max_total_tokens), state
+                )
+            if turn_out.calls:
+                outputs: list[str] = [""] * len(turn_out.calls)
+                async for result in self._run_tools(turn, turn_out.calls, tools, limits):
+                    outputs[result.index] = state.pending_outputs[result.call_id] = result.output
+                    yield result
+                state.history.extend(
+                    {"role": "tool", "tool_call_id": c["id"], "content": out}
+                    for c, out in zip(state.pending_calls, outputs, strict=True)
+                )
+                state.pending_calls, state.pending_outputs = [], {}
+            if not turn_out.calls:
+                yield FinalOutput(state.final_output, state.result())
+                return
+            if turn >= limits.max_turns:
+                raise _with_result(MaxTurnsExceeded(limits.max_turns), state)
+
+    async def _model_turn(
+        self, turn: int, model: str, messages: list[dict[str, Any]], options: dict[str, Any], out: _TurnOutput
+    ) -> AsyncIterator[Event]:
+        """Stream one completion into `out`, yielding deltas; retry transient failures from scratch."""
+        attempt = 0
+        while True:
+            out.reset()
+            try:
+                stream = await self.client.chat.completions.create(
+                    model=model,
+                    messages=messages,  # type: ignore[arg-type]
+                    stream=True,
+                    stream_options={"include_usage": True},
+                    **options,
+                )
+                async with stream:
+                    async for chunk in stream:
+                        for event in out.feed(turn, chunk):
+                            yield event
+                return
+            except (openai.APIConnectionError, openai.APIStatusError, httpx.TransportError) as error:
+                if isinstance(error, openai.APIStatusError) and not _is_transient(error):
+                    raise _status_error(error) from error
+                attempt += 1
+                if attempt > self.retry.max_retries:
+                    raise ModelHTTPError(
+                        f"model request failed after {self.retry.max_retries} retries: {error}"
+                    ) from error
+                delay = self.retry.delay(attempt, error)
+                yield TurnRetried(turn, attempt, f"{type(error).__name__}: {error}", delay)
+                await asyncio.sleep(delay)
+
+    async def _run_tools(
+        self, turn: int, calls: list[_Call], tools: dict[str, Any], limits: Limits
+    ) -> AsyncIterator[ToolResult]:
+        """Run all calls of a turn concurrently; yield each result as it completes."""
+        tasks = [
+            asyncio.ensure_future(self._call_tool(turn, i, call, tools, limits))
+            for i, call in enumerate(calls)
+        ]
+        try:
+            for next_done in asyncio.as_completed(tasks):
+                yield await next_done
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _call_tool(
+        self, turn: int, index: int, call: _Call, tools: dict[str, Any], limits: Limits
+    ) -> ToolResult:
+        start = time.perf_counter()
+        error: ToolCallError | None = None
+        try:
+            tool = tools.get(call.name)
+            if tool is None:
+                available = ", ".join(sorted(tools)) or "none"
+                raise UnknownToolError(call.name, f"unknown tool {call.name!r}; available tools: {available}")
+            args = tool.validate(call.arguments)
+            timeout = tool.timeout if tool.timeout is not None else limits.tool_timeout
+            try:
+                value = await asyncio.wait_for(tool.invoke(args), timeout)
+            except TimeoutError as e:
+                if timeout is None or time.perf_counter() - start < timeout:  # the tool's own TimeoutError
+                    raise ToolExecutionError(call.name, f"tool {call.name!r} raised TimeoutError: {e}") from e
+                raise ToolTimeoutError(call.name, f"tool {call.name!r} timed out after {timeout:g}s") from e
+            except Exception as e:
+                raise ToolExecutionError(
+                    call.name, f"tool {call.name!r} raised {type(e).__name__}: {e}"
+                ) from e
+            output = _to_text(value)
+        except ToolCallError as e:
+            error, output = e, f"Error: {e}"
+        return ToolResult(turn, index, call.id, call.name, output, error, time.perf_counter() - start)
+
+    async def _default_model(self) -> str:
+        """The endpoint's first model (a V4 server serves one)."""
+        if self.model is None:
+            models = await self.client.models.list()
+            if not models.data:
+                raise ModelHTTPError("the endpoint lists no models; pass model=...")
+            self.model = models.data[0].id
+        return self.model
+
+
+class RunStream:
+    """The events of a run in progress (`async for`), produced by a background task so that `cancel()` can
+    stop it from anywhere: the HTTP stream is closed, running tool calls are cancelled, and iteration ends
+    with `RunCancelled` (its `.result` holds the history so far, continuable). Use as `async with` to
+    cancel automatically when the block is left early. After the end, `result` holds the RunResult."""
+
+    def __init__(self, events: AsyncIterator[Event], state: _RunState) -> None:
+        self._events = events
+        self._state = state
+        self._queue: asyncio.Queue[Event | _End] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+        self._done = False
+        self._cancelled_early = False
+        self.result: RunResult | None = None
+
+    def __aiter__(self) -> RunStream:
+        return self
+
+    async def __anext__(self) -> Event:
+        if self._done:
+            raise StopAsyncIteration
+        if self._task is None and not self._cancelled_early:
+            self._task = asyncio.ensure_future(self._pump())
+        try:
+            item = await self._queue.get()
+        except asyncio.CancelledError:
+            self.cancel()  # the consumer was cancelled: stop the producer too
+            raise
+        if isinstance(item, _End):
+            self._done = True
+            if item.error is not None:
+                raise item.error
+            raise StopAsyncIteration
+        if isinstance(item, FinalOutput):
+            self.result = item.result
+        return item
+
+    def cancel(self) -> None:
+        if self._task is None:  # never started: nothing to stop, the iteration just reports the cancel
+            if not self._cancelled_early:
+                self._cancelled_early = True
+                self._queue.put_nowait(_End(_with_result(RunCancelled("the run was cancelled"), self._state)))
+        elif not self._task.done():
+            self._task.cancel()
+
+    async def wait_closed(self) -> None:
+        """Wait until the producer has stopped (after `cancel()`)."""
+        if self._task is not None:
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def __aenter__(self) -> RunStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.cancel()
+        await self.wait_closed()
+
+    async def _pump(self) -> None:
+        try:
+            async for event in self._events:
+                self._queue.put_nowait(event)
+        except asyncio.CancelledError:
+            self._queue.put_nowait(_End(_with_result(RunCancelled("the run was cancelled"), self._state)))
+        except AgentError as e:
+            self._queue.put_nowait(_End(e if hasattr(e, "result") else _with_result(e, self._state)))
+        except BaseException as e:  # a bug or an unexpected exception: hand it to the consumer as is
+            self._queue.put_nowait(_End(e))
+        else:
+            self._queue.put_nowait(_End(None))
+
+
+class SyncRunStream:
+    """`RunStream` for synchronous code; drives the Runner's private event loop while iterating."""
+
+    def __init__(self, stream: RunStream, loop: asyncio.AbstractEventLoop) -> None:
+        self._stream = stream
+        self._loop = loop
+
+    def __iter__(self) -> Iterator[Event]:
+        return self
+
+    def __next__(self) -> Event:
+        try:
+            return self._loop.run_until_complete(self._stream.__anext__())
+        except StopAsyncIteration:
+            raise StopIteration from None
+
+    @property
+    def result(self) -> RunResult | None:
+        return self._stream.result
+
+    def cancel(self) -> None:
+        """Stop the run and wait for its tool calls and HTTP stream to close (safe after Ctrl-C)."""
+        self._stream.cancel()
+        self._loop.run_until_complete(self._stream.wait_closed())
+
+    def __enter__(self) -> SyncRunStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.cancel()
+
+
+# ---- one streamed completion ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Call:
+    id: str
+    name: str = ""
+    arguments: str = ""
+    started: bool = False
+
+
+@dataclasses.dataclass
+class _End:
+    error: BaseException | None
+
+
+class _TurnOutput:
+    """Accumulates a streamed chat completion: reasoning, content, tool calls (by index), usage."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.reasoning = ""
+        self.content = ""
+        self.calls_by_index: dict[int, _Call] = {}
+        self.finish_reason: str | None = None
+        self.usage = Usage()
+        self.has_usage = False
+
+    @property
+    def calls(self) -> list[_Call]:
+        return [self.calls_by_index[i] for i in sorted(self.calls_by_index)]
+
+    def feed(self, turn: int, chunk: Any) -> Iterator[Event]:
+        if chunk.usage is not None:
+            self.usage, self.has_usage = _usage(chunk.usage), True
+        for choice in chunk.choices or ():
+            delta = choice.delta
+            # SGLang/DeepSeek call it reasoning_content; vLLM >= 0.11 calls it reasoning.
+            reasoning = getattr(delta, "reasoning_content", None) or getattr(delta, "reasoning", None)
+            if reasoning:
+                self.reasoning += reasoning
+                yield ReasoningDelta(turn, reasoning)
+            if delta.content:
+                self.content += delta.content
+                yield ContentDelta(turn, delta.content)
+            for tc in delta.tool_calls or ():
+                index = tc.index if tc.index is not None else len(self.calls_by_index)
+                call = self.calls_by_index.get(index)
+                if call is None:
+                    call = self.calls_by_index[index] = _Call(id="")
+                if tc.id:
+                    call.id = tc.id
+                fn = tc.function
+                if fn is not None and fn.name:
+                    call.name = fn.name  # servers send the whole name once
+                if not call.started and call.name:
+                    call.id = call.id or f"call_{turn}_{index}"
+                    call.started = True
+                    yield ToolCallStarted(turn, index, call.id, call.name)
+                    if call.arguments:  # arguments that arrived before the name
+                        yield ToolCallArgumentsDelta(turn, index, call.id, call.arguments)
+                if fn is not None and fn.arguments:
+                    call.arguments += fn.arguments
+                    if call.started:
+                        yield ToolCallArgumentsDelta(turn, index, call.id, fn.arguments)
+            if choice.finish_reason:
+                self.finish_reason = choice.finish_reason
+
+    def message(self, thinking: bool) -> dict[str, Any]:
+        """The assistant message to append to the history, as the model produced it."""
+        message: dict[str, Any] = {"role": "assistant", "content": self.content}
+        if thinking:
+            message["reasoning_content"] = self.reasoning
+        if self.calls_by_index:
+            message["content"] = self.content or None
+            message["tool_calls"] = [
+                {
+                    "id": c.id or f"call_{i}",
+                    "type": "function",
+                    "function": {"name": c.name, "arguments": c.arguments},
+                }
+                for i, c in enumerate(self.calls)
+            ]
+        return message
+
+
+# ---- helpers --------------------------------------------------------------------------------------------
+
+
+def _as_messages(input: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
+    if isinstance(input, str):
+        return [{"role": "user", "content": input}]
+    if not isinstance(input, list) or not all(isinstance(m, dict) and "role" in m for m in input):
+        raise TypeError("input: expected a string or a list of message dicts with a 'role'")
+    return list(input)
+
+
+def _usage(u: Any) -> Usage:
+    prompt_details = getattr(u, "prompt_tokens_details", None)
+    completion_details = getattr(u, "completion_tokens_details", None)
+    return Usage(
+        prompt_tokens=u.prompt_tokens or 0,
+        completion_tokens=u.completion_tokens or 0,
+        cached_tokens=(getattr(prompt_details, "cached_tokens", None) or 0) if prompt_details else 0,
+        reasoning_tokens=(getattr(completion_details, "reasoning_tokens", None) or 0)
+        if completion_details
+        else 0,
+    )
+
+
+def _to_text(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, pydantic.BaseModel):
+        return value.model_dump_json()
+    if value is None:
+        return ""
+    try:
+        return json.dumps(value, ensure_ascii=False, default=str)
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def _with_result(error: AgentError, state: _RunState) -> AgentError:
+    error.result = state.result()  # type: ignore[attr-defined]
+    return error
+
+
+def _is_transient(error: openai.APIStatusError) -> bool:
+    return error.status_code in (408, 409, 429) or error.status_code >= 500
+
+
+def _status_error(error: openai.APIStatusError) -> AgentError:
+    text = str(error)
+    lowered = text.lower()
+    if error.status_code == 400 and (
+        "context length" in lowered or "maximum context" in lowered or "too long" in lowered
+    ):
+        return ContextWindowExceeded(f"the endpoint rejected the prompt as too long: {text}")
+    return ModelHTTPError(f"the endpoint answered HTTP {error.status_code}: {text}")
+
+
+def _retry_after_seconds(error: BaseException) -> float | None:
+    response = getattr(error, "response", None)
+    value = response.headers.get("retry-after") if response is not None else None
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None

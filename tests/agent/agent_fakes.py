@@ -1,0 +1,173 @@
+"""A scripted OpenAI-compatible endpoint behind `httpx.MockTransport`: the SDK's real openai/httpx client code
+runs, only the socket is replaced. Each request takes the next scripted reply and is recorded.
+
+Replies are written the way SGLang streams them: one role chunk, reasoning_content deltas, content deltas,
+tool-call deltas (id + name first, then argument pieces), a finish chunk, then a usage-only chunk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import openai
+
+
+@dataclasses.dataclass
+class Reply:
+    reasoning: str = ""
+    content: str = ""
+    tool_calls: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)  # (id, name, arguments)
+    usage: tuple[int, int, int] = (100, 20, 0)  # prompt, completion, cached
+    piece: int = 4  # characters per streamed delta
+    finish_reason: str | None = None
+    reasoning_field: str = "reasoning_content"
+
+
+@dataclasses.dataclass
+class Status:
+    """An HTTP error answer."""
+
+    code: int
+    body: str = '{"error": {"message": "scripted error"}}'
+    headers: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class Broken:
+    """A stream that sends `reply`'s first `after` chunks, then drops the connection."""
+
+    reply: Reply
+    after: int = 2
+
+
+@dataclasses.dataclass
+class Hang:
+    """A stream that sends `reply`'s first `after` chunks and then stalls until the client closes it."""
+
+    reply: Reply
+    after: int = 1
+
+
+class ScriptedEndpoint:
+    def __init__(
+        self, *script: Reply | Status | Broken | Hang, models: tuple[str, ...] = ("deepseek-v4-test",)
+    ):
+        self.script = list(script)
+        self.models = models
+        self.requests: list[dict[str, Any]] = []
+        self.closed_streams = 0  # streams whose body the client closed (or finished)
+        self.hanging = asyncio.Event()
+
+    def client(self) -> openai.AsyncOpenAI:
+        http = httpx.AsyncClient(transport=httpx.MockTransport(self.handle))
+        return openai.AsyncOpenAI(base_url="http://scripted.test/v1", api_key="test", http_client=http)
+
+    @property
+    def messages(self) -> list[list[dict[str, Any]]]:
+        return [r["messages"] for r in self.requests]
+
+    async def handle(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/models"):
+            data = [{"id": m, "object": "model", "created": 0, "owned_by": "test"} for m in self.models]
+            return httpx.Response(200, json={"object": "list", "data": data})
+        assert request.url.path.endswith("/chat/completions"), request.url
+        body = json.loads(request.content)
+        self.requests.append(body)
+        if not self.script:
+            raise AssertionError(f"unscripted request #{len(self.requests)}")
+        step = self.script.pop(0)
+        if isinstance(step, Status):
+            return httpx.Response(
+                step.code,
+                content=step.body.encode(),
+                headers={"content-type": "application/json", **step.headers},
+            )
+        if isinstance(step, Reply):
+            return self._sse(sse_chunks(step, body["model"]))
+        if isinstance(step, Broken):
+            return self._sse(sse_chunks(step.reply, body["model"])[: step.after], broken=True)
+        return self._sse(sse_chunks(step.reply, body["model"])[: step.after], hang=True)
+
+    def _sse(
+        self, chunks: list[dict[str, Any]], *, broken: bool = False, hang: bool = False
+    ) -> httpx.Response:
+        endpoint = self
+
+        async def body() -> AsyncIterator[bytes]:
+            try:
+                for chunk in chunks:
+                    yield f"data: {json.dumps(chunk)}\n\n".encode()
+                    await asyncio.sleep(0)
+                if broken:
+                    raise httpx.RemoteProtocolError(
+                        "peer closed connection without sending complete message body"
+                    )
+                if hang:
+                    endpoint.hanging.set()
+                    await asyncio.sleep(3600)
+                yield b"data: [DONE]\n\n"
+            finally:
+                endpoint.closed_streams += 1
+
+        return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=body())
+
+
+def sse_chunks(reply: Reply, model: str) -> list[dict[str, Any]]:
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+        return {
+            "id": "chatcmpl-scripted",
+            "object": "chat.completion.chunk",
+            "created": 0,
+            "model": model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
+        }
+
+    def pieces(text: str) -> list[str]:
+        return [text[i : i + reply.piece] for i in range(0, len(text), reply.piece)]
+
+    out = [chunk({"role": "assistant", "content": ""})]
+    out += [chunk({reply.reasoning_field: p}) for p in pieces(reply.reasoning)]
+    out += [chunk({"content": p}) for p in pieces(reply.content)]
+    for index, (call_id, name, arguments) in enumerate(reply.tool_calls):
+        out.append(
+            chunk(
+                {
+                    "tool_calls": [
+                        {
+                            "index": index,
+                            "id": call_id,
+                            "type": "function",
+                            "function": {"name": name, "arguments": ""},
+                        }
+                    ]
+                }
+            )
+        )
+        out += [
+            chunk({"tool_calls": [{"index": index, "function": {"arguments": p}}]}) for p in pieces(arguments)
+        ]
+    finish = reply.finish_reason or ("tool_calls" if reply.tool_calls else "stop")
+    out.append(chunk({}, finish))
+    prompt, completion, cached = reply.usage
+    usage = {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    }
+    out.append(
+        {
+            "id": "chatcmpl-scripted",
+            "object": "chat.completion.chunk",
+            "created": 0,
+            "model": model,
+            "choices": [],
+            "usage": usage,
+        }
+    )
+    return out

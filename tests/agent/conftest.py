@@ -1,0 +1,10 @@
+"""Agent SDK tests: async tests run on asyncio through anyio's pytest plugin (anyio comes with httpx)."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
