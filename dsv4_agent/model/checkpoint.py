@@ -1,0 +1,357 @@
+"""Official DeepSeek-V4 checkpoint format (spec sections 7-8): expected keys, loading, and writing.
+
+* :func:`expected_tensors` - every key of a checkpoint for a config, with its released shape and dtype.
+* :func:`load_model` - read ``config.json`` + safetensors shards (``model.safetensors.index.json`` when
+  present), check every key / shape / dtype before reading data (errors name the key), dequantize FP8 /
+  FP4 weights to fp32 for the CPU path, report progress per shard.
+* :func:`save_random_checkpoint` - write a seeded random model in the released format (FP8 e4m3 weights
+  with ue8m0 128x128 block scales, packed FP4 experts with per-32 scales, BF16 / F32 / I64 elsewhere).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from . import ops
+from .config import FP8_BLOCK, DeepSeekV4Config, load_config
+from .model import DeepSeekV4
+
+log = logging.getLogger(__name__)
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not match its config (message names the key)."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    shape: tuple[int, ...]
+    dtype: str  # safetensors dtype name: F8_E4M3, F8_E8M0, I8, BF16, F32, I64
+    kind: str  # "fp8" (weight with a .scale), "fp4", "scale", "plain"
+
+
+@dataclass(frozen=True)
+class LoadProgress:
+    shard: str
+    shard_index: int  # 1-based
+    num_shards: int
+    tensors_done: int
+    tensors_total: int
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def expected_tensors(cfg: DeepSeekV4Config) -> dict[str, TensorSpec]:
+    """Every checkpoint key for ``cfg`` -> released shape / dtype (spec 8.1; MTP under ``mtp.k.``)."""
+    d, hc = cfg.hidden_size, cfg.hc_mult
+    H, D = cfg.num_attention_heads, cfg.head_dim
+    out: dict[str, TensorSpec] = {}
+
+    def plain(key: str, shape: tuple[int, ...], dtype: str) -> None:
+        out[key] = TensorSpec(tuple(shape), dtype, "plain")
+
+    def fp8(key: str, o: int, i: int) -> None:
+        out[key + ".weight"] = TensorSpec((o, i), "F8_E4M3", "fp8")
+        out[key + ".scale"] = TensorSpec((_cdiv(o, FP8_BLOCK), _cdiv(i, FP8_BLOCK)), "F8_E8M0", "scale")
+
+    def expert(key: str, o: int, i: int) -> None:
+        if cfg.expert_dtype == "fp4":
+            out[key + ".weight"] = TensorSpec((o, i // 2), "I8", "fp4")
+            out[key + ".scale"] = TensorSpec((o, i // 32), "F8_E8M0", "scale")
+        else:
+            fp8(key, o, i)
+
+    def block(p: str, layer_id: int) -> None:
+        mix = (2 + hc) * hc
+        for sub in ("attn", "ffn"):
+            plain(f"{p}hc_{sub}_fn", (mix, hc * d), "F32")
+            plain(f"{p}hc_{sub}_base", (mix,), "F32")
+            plain(f"{p}hc_{sub}_scale", (3,), "F32")
+        plain(f"{p}attn_norm.weight", (d,), "BF16")
+        plain(f"{p}ffn_norm.weight", (d,), "BF16")
+        a = p + "attn."
+        plain(a + "attn_sink", (H,), "F32")
+        fp8(a + "wq_a", cfg.q_lora_rank, d)
+        plain(a + "q_norm.weight", (cfg.q_lora_rank,), "BF16")
+        fp8(a + "wq_b", H * D, cfg.q_lora_rank)
+        fp8(a + "wkv", D, d)
+        plain(a + "kv_norm.weight", (D,), "BF16")
+        fp8(a + "wo_a", cfg.o_groups * cfg.o_lora_rank, H * D // cfg.o_groups)
+        fp8(a + "wo_b", d, cfg.o_groups * cfg.o_lora_rank)
+        m = cfg.ratio(layer_id)
+        if m:
+            k = 2 if m == 4 else 1
+            plain(a + "compressor.ape", (m, k * D), "F32")
+            plain(a + "compressor.wkv.weight", (k * D, d), "BF16")
+            plain(a + "compressor.wgate.weight", (k * D, d), "BF16")
+            plain(a + "compressor.norm.weight", (D,), "BF16")
+        if m == 4:
+            DI, HI = cfg.index_head_dim, cfg.index_n_heads
+            fp8(a + "indexer.wq_b", HI * DI, cfg.q_lora_rank)
+            plain(a + "indexer.weights_proj.weight", (HI, d), "BF16")
+            plain(a + "indexer.compressor.ape", (4, 2 * DI), "F32")
+            plain(a + "indexer.compressor.wkv.weight", (2 * DI, d), "BF16")
+            plain(a + "indexer.compressor.wgate.weight", (2 * DI, d), "BF16")
+            plain(a + "indexer.compressor.norm.weight", (DI,), "BF16")
+        f = p + "ffn."
+        E, F_ = cfg.n_routed_experts, cfg.moe_intermediate_size
+        plain(f + "gate.weight", (E, d), "BF16")
+        if cfg.is_hash_layer(layer_id):
+            plain(f + "gate.tid2eid", (cfg.vocab_size, cfg.num_experts_per_tok), "I64")
+        else:
+            plain(f + "gate.bias", (E,), "F32")
+        for w, (o, i) in (("w1", (F_, d)), ("w2", (d, F_)), ("w3", (F_, d))):
+            fp8(f"{f}shared_experts.{w}", o, i)
+            for e in range(E):
+                expert(f"{f}experts.{e}.{w}", o, i)
+
+    plain("embed.weight", (cfg.vocab_size, d), "BF16")
+    for layer in range(cfg.n_layers):
+        block(f"layers.{layer}.", layer)
+    plain("norm.weight", (d,), "BF16")
+    plain("head.weight", (cfg.vocab_size, d), "BF16")
+    plain("hc_head_fn", (hc, hc * d), "F32")
+    plain("hc_head_base", (hc,), "F32")
+    plain("hc_head_scale", (1,), "F32")
+    for k in range(cfg.num_nextn_predict_layers):
+        p = f"mtp.{k}."
+        block(p, cfg.n_layers + k)
+        fp8(p + "e_proj", d, d)
+        fp8(p + "h_proj", d, d)
+        for n in ("enorm", "hnorm", "norm"):
+            plain(f"{p}{n}.weight", (d,), "BF16")
+        plain(p + "hc_head_fn", (hc, hc * d), "F32")
+        plain(p + "hc_head_base", (hc,), "F32")
+        plain(p + "hc_head_scale", (1,), "F32")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------------------
+def _shard_map(model_dir: Path) -> dict[str, str]:
+    """key -> shard file name, from the index file or the single-file layout."""
+    index = model_dir / INDEX_FILE
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index}: not a safetensors index (needs a 'weight_map' object): {e}") from e
+        return dict(weight_map)
+    single = model_dir / SINGLE_FILE
+    if not single.exists():
+        raise CheckpointError(f"{model_dir}: neither {INDEX_FILE} nor {SINGLE_FILE} found")
+    with safe_open(single, "pt") as f:
+        return {k: SINGLE_FILE for k in f.keys()}
+
+
+def _check_keys(expected: dict[str, TensorSpec], found: set[str]) -> None:
+    missing = sorted(set(expected) - found)
+    unexpected = sorted(found - set(expected))
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise CheckpointError(f"checkpoint is missing tensor {missing[0]!r}{more}")
+    if unexpected:
+        more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
+        raise CheckpointError(f"checkpoint has unexpected tensor {unexpected[0]!r}{more}")
+
+
+def load_state_dict(model_dir: str | Path, cfg: DeepSeekV4Config, *,
+                    progress: Callable[[LoadProgress], None] | None = None) -> dict[str, torch.Tensor]:
+    """Read and validate a checkpoint; returns the module state dict with dequantized fp32 weights."""
+    model_dir = Path(model_dir)
+    expected = expected_tensors(cfg)
+    shard_of = _shard_map(model_dir)
+    _check_keys(expected, set(shard_of))
+    shards = sorted(set(shard_of.values()))
+    by_shard: dict[str, list[str]] = {s: [] for s in shards}
+    for k, s in shard_of.items():
+        by_shard[s].append(k)
+
+    # Pass 1: headers only, so that a bad checkpoint fails before any large read.
+    for shard in shards:
+        path = model_dir / shard
+        if not path.exists():
+            raise CheckpointError(f"shard {shard!r} named in {INDEX_FILE} (for {by_shard[shard][0]!r}) does not exist")
+        with safe_open(path, "pt") as f:
+            present = set(f.keys())
+            for key in by_shard[shard]:
+                if key not in present:
+                    raise CheckpointError(f"tensor {key!r} is listed in {INDEX_FILE} for {shard!r} but not stored there")
+                sl = f.get_slice(key)
+                shape, dtype = tuple(sl.get_shape()), sl.get_dtype()
+                spec = expected[key]
+                if shape != spec.shape or dtype != spec.dtype:
+                    raise CheckpointError(
+                        f"tensor {key!r}: expected shape {list(spec.shape)} dtype {spec.dtype}, "
+                        f"got shape {list(shape)} dtype {dtype}")
+
+    # Pass 2: read and dequantize.
+    raw: dict[str, torch.Tensor] = {}
+    state: dict[str, torch.Tensor] = {}
+    done = 0
+    for i, shard in enumerate(shards, 1):
+        with safe_open(model_dir / shard, "pt") as f:
+            for key in by_shard[shard]:
+                raw[key] = f.get_tensor(key)
+                done += 1
+        # convert every weight whose scale is now available (a weight and its scale may sit in different shards)
+        for key in [k for k in raw if expected[k].kind != "scale"]:
+            spec = expected[key]
+            if spec.kind in ("fp8", "fp4"):
+                scale_key = key[: -len(".weight")] + ".scale"
+                if scale_key not in raw:
+                    continue
+                fn = ops.dequant_fp8_weight if spec.kind == "fp8" else ops.dequant_fp4_weight
+                state[key] = fn(raw.pop(key), raw.pop(scale_key))
+            elif spec.dtype == "I64":
+                state[key] = raw.pop(key).long()
+            else:
+                state[key] = raw.pop(key).float()
+        log.info("loaded shard %d/%d %s (%d/%d tensors)", i, len(shards), shard, done, len(expected))
+        if progress is not None:
+            progress(LoadProgress(shard, i, len(shards), done, len(expected)))
+    return state
+
+
+_MODEL_CACHE: dict[tuple[str, float], DeepSeekV4] = {}
+
+
+def load_model(model_dir: str | Path, *, progress: Callable[[LoadProgress], None] | None = None,
+               cache: bool = False) -> DeepSeekV4:
+    """Build :class:`DeepSeekV4` from an official-format directory (config.json + safetensors).
+
+    ``cache=True`` memoizes by (path, config mtime) so repeated checks do not reload tiny models.
+    """
+    model_dir = Path(model_dir)
+    cfg = load_config(model_dir)
+    key = (str(model_dir.resolve()), (model_dir / "config.json").stat().st_mtime)
+    if cache and key in _MODEL_CACHE:
+        return _MODEL_CACHE[key]
+    state = load_state_dict(model_dir, cfg, progress=progress)
+    model = DeepSeekV4(cfg)
+    model.load_state_dict(state, strict=True)
+    model.eval()
+    if cache:
+        _MODEL_CACHE[key] = model
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Writing a seeded random checkpoint in the released format
+# ---------------------------------------------------------------------------------------------------------
+def quantize_fp8_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 [out, in] -> (float8_e4m3fn [out, in], float8_e8m0fnu [ceil(out/128), ceil(in/128)]) with power-of-two
+    block scales (amax / 448 rounded up)."""
+    out, inp = w.shape
+    po, pi = _cdiv(out, FP8_BLOCK) * FP8_BLOCK, _cdiv(inp, FP8_BLOCK) * FP8_BLOCK
+    padded = torch.zeros(po, pi)
+    padded[:out, :inp] = w
+    blocks = padded.view(po // FP8_BLOCK, FP8_BLOCK, pi // FP8_BLOCK, FP8_BLOCK)
+    amax = blocks.abs().amax((1, 3)).clamp_min(1e-4)
+    scale = ops._pow2_ceil(amax / ops.FP8_MAX)
+    q = (blocks / scale[:, None, :, None]).clamp(-ops.FP8_MAX, ops.FP8_MAX).to(torch.float8_e4m3fn)
+    return q.view(po, pi)[:out, :inp].contiguous(), scale.to(torch.float8_e8m0fnu)
+
+
+def quantize_fp4_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 [out, in] -> (packed e2m1 int8 [out, in/2], float8_e8m0fnu [out, in/32])."""
+    sim = ops.fp4_sim(w, 32).float()  # values s * e2m1 with power-of-two s per 32 inputs
+    s = ops._pow2_ceil(w.view(w.shape[0], -1, 32).abs().amax(-1).clamp_min(ops.FP4_MAX * 2.0**-126) / ops.FP4_MAX)
+    codes = sim / s.repeat_interleave(32, 1)
+    return ops.pack_fp4(codes), s.to(torch.float8_e8m0fnu)
+
+
+_ST_DTYPES = {"BF16": torch.bfloat16, "F32": torch.float32, "I64": torch.int64}
+
+
+def random_tensors(cfg: DeepSeekV4Config, seed: int) -> dict[str, torch.Tensor]:
+    """Seeded random weights (numpy PCG64) for every key of :func:`expected_tensors`, stored as released.
+
+    Magnitudes keep a random tiny model numerically tame: linears ~ N(0, 1/in), norms ~ 1, small mHC
+    mixing weights, hash tables with distinct experts per token.
+    """
+    rng = np.random.Generator(np.random.PCG64(seed))
+    specs = expected_tensors(cfg)
+    out: dict[str, torch.Tensor] = {}
+
+    def normal(shape: tuple[int, ...], std: float) -> torch.Tensor:
+        return torch.from_numpy(rng.standard_normal(shape, dtype=np.float32) * np.float32(std))
+
+    for key, spec in specs.items():
+        if spec.kind == "scale":
+            continue
+        if spec.kind in ("fp8", "fp4"):
+            o = spec.shape[0]
+            i = spec.shape[1] * (2 if spec.kind == "fp4" else 1)
+            w = normal((o, i), 1 / math.sqrt(i))
+            q, s = quantize_fp8_weight(w) if spec.kind == "fp8" else quantize_fp4_weight(w)
+            out[key] = q
+            out[key[: -len(".weight")] + ".scale"] = s
+            continue
+        if key.endswith("tid2eid"):
+            rows = [rng.permutation(cfg.n_routed_experts)[: spec.shape[1]] for _ in range(spec.shape[0])]
+            t = torch.from_numpy(np.stack(rows).astype(np.int64))
+        elif key.endswith("norm.weight"):
+            t = 1 + normal(spec.shape, 0.1)
+        elif key.endswith("_fn"):
+            t = normal(spec.shape, 0.5 / math.sqrt(spec.shape[1]))
+        elif key.endswith("_base"):
+            t = normal(spec.shape, 0.5)
+        elif key.endswith("_scale"):
+            t = 0.5 + normal(spec.shape, 0.1).abs()
+        elif key.endswith("attn_sink") or key.endswith("gate.bias"):
+            t = normal(spec.shape, 0.5)
+        elif key.endswith("ape"):
+            t = normal(spec.shape, 0.1)
+        elif key == "embed.weight":
+            t = normal(spec.shape, 1.0)
+        else:  # bf16 linears: head, gate, compressor wkv/wgate, indexer weights_proj
+            t = normal(spec.shape, 1 / math.sqrt(spec.shape[1]))
+        out[key] = t.to(_ST_DTYPES[spec.dtype])
+    return out
+
+
+def save_random_checkpoint(cfg: DeepSeekV4Config, out_dir: str | Path, seed: int, *,
+                           max_shard_bytes: int | None = None) -> Path:
+    """Write ``config.json``, safetensors shard(s) and ``model.safetensors.index.json`` with seeded random
+    weights, quantized exactly as the release stores them. ``max_shard_bytes`` splits into several shards
+    (``model-00001-of-0000N.safetensors``); by default one ``model.safetensors``. Returns ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tensors = random_tensors(cfg, seed)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if max_shard_bytes is not None and shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = t
+        size += nbytes
+    names = ([SINGLE_FILE] if len(shards) == 1 else
+             [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)])
+    weight_map = {}
+    for name, shard in zip(names, shards, strict=True):
+        save_file({k: v.contiguous() for k, v in shard.items()}, str(out_dir / name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, name))
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    (out_dir / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                 indent=2))
+    (out_dir / "config.json").write_text(json.dumps(cfg.to_hf(), indent=2))
+    return out_dir

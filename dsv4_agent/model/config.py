@@ -1,0 +1,297 @@
+"""Typed DeepSeek-V4 configuration read from the Hugging Face ``config.json`` (spec section 1).
+
+Only the fields that change the computation are kept; anything the reference would reject (or that this
+implementation cannot represent) raises :class:`ConfigError` naming the offending key.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+# Compressed entries live in pages of this many tokens, aligned to absolute positions (see cache.py).
+PAGE_SIZE = 128
+# Every linear that the release stores as FP8 uses square blocks of this size for its scales.
+FP8_BLOCK = 128
+
+
+class ConfigError(ValueError):
+    """A config.json that is missing a field, has a wrong type, or is internally inconsistent."""
+
+
+@dataclass(frozen=True)
+class DeepSeekV4Config:
+    vocab_size: int
+    hidden_size: int  # d
+    num_hidden_layers: int
+    num_nextn_predict_layers: int  # MTP blocks
+    num_attention_heads: int  # H
+    head_dim: int  # D (K = V, one shared KV head)
+    qk_rope_head_dim: int  # r: the last r dims of every head carry RoPE
+    q_lora_rank: int
+    o_groups: int  # G
+    o_lora_rank: int  # R
+    sliding_window: int  # W, includes the current token
+    compress_ratios: tuple[int, ...]  # per layer (main layers, then MTP blocks): 0, 4 (CSA) or other m (HCA)
+    rope_theta: float  # base of layers with m = 0 (no YaRN)
+    compress_rope_theta: float  # base of layers with m > 0 (with YaRN)
+    rope_factor: float
+    rope_original_max_position: int
+    rope_beta_fast: float
+    rope_beta_slow: float
+    max_position_embeddings: int
+    index_n_heads: int
+    index_head_dim: int
+    index_topk: int
+    hc_mult: int
+    hc_sinkhorn_iters: int
+    hc_eps: float
+    rms_norm_eps: float
+    n_routed_experts: int
+    num_experts_per_tok: int
+    moe_intermediate_size: int
+    routed_scaling_factor: float
+    num_hash_layers: int
+    swiglu_limit: float
+    expert_dtype: str  # "fp4" (packed e2m1 + per-32 scales) or "fp8" (128x128 blocks)
+    bos_token_id: int = 0
+    eos_token_id: int = 1
+
+    # ---- derived -------------------------------------------------------------------------------------
+    @property
+    def n_layers(self) -> int:
+        return self.num_hidden_layers
+
+    @property
+    def nope_head_dim(self) -> int:
+        return self.head_dim - self.qk_rope_head_dim
+
+    def ratio(self, layer_id: int) -> int:
+        """Compression ratio m of main layer ``layer_id`` (or MTP block ``layer_id - n_layers``)."""
+        return self.compress_ratios[layer_id]
+
+    def is_hash_layer(self, layer_id: int) -> bool:
+        return layer_id < self.num_hash_layers
+
+    @property
+    def csa_layers(self) -> list[int]:
+        return [i for i in range(self.n_layers) if self.compress_ratios[i] == 4]
+
+    @property
+    def hca_layers(self) -> list[int]:
+        return [i for i in range(self.n_layers) if self.compress_ratios[i] not in (0, 4)]
+
+    # ---- I/O -----------------------------------------------------------------------------------------
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any]) -> DeepSeekV4Config:
+        """Build from the HF ``config.json`` dict; raises :class:`ConfigError` on any problem."""
+        if not isinstance(hf, dict):
+            raise ConfigError(f"config must be a JSON object, got {type(hf).__name__}")
+
+        def get(key: str, kind: type | tuple[type, ...], default: Any = None) -> Any:
+            if key not in hf:
+                if default is not None:
+                    return default
+                raise ConfigError(f"config.json: missing required field {key!r}")
+            v = hf[key]
+            if isinstance(v, bool) and kind is not bool:
+                raise ConfigError(f"config.json: field {key!r} must be {_kind(kind)}, got bool")
+            if not isinstance(v, kind):
+                raise ConfigError(f"config.json: field {key!r} must be {_kind(kind)}, got {v!r}")
+            return v
+
+        num = (int, float)
+        scaling = get("rope_scaling", dict)
+        for k in ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow"):
+            if k not in scaling:
+                raise ConfigError(f"config.json: missing field 'rope_scaling.{k}'")
+        if scaling.get("type", scaling.get("rope_type")) != "yarn":
+            raise ConfigError(f"config.json: 'rope_scaling.type' must be 'yarn', got {scaling.get('type')!r}")
+        ratios = get("compress_ratios", list)
+        if not all(isinstance(m, int) and not isinstance(m, bool) for m in ratios):
+            raise ConfigError(f"config.json: 'compress_ratios' must be a list of integers, got {ratios!r}")
+
+        # Fields the reference hard-codes: accept only the values it implements.
+        fixed = {
+            "num_key_value_heads": 1,
+            "n_shared_experts": 1,
+            "scoring_func": "sqrtsoftplus",
+            "norm_topk_prob": True,
+            "topk_method": "noaux_tc",
+            "hidden_act": "silu",
+            "tie_word_embeddings": False,
+        }
+        for key, want in fixed.items():
+            if key in hf and hf[key] != want:
+                raise ConfigError(f"config.json: field {key!r} must be {want!r} for DeepSeek-V4, got {hf[key]!r}")
+        quant = hf.get("quantization_config")
+        if quant is not None:
+            block = quant.get("weight_block_size", [FP8_BLOCK, FP8_BLOCK])
+            if list(block) != [FP8_BLOCK, FP8_BLOCK]:
+                raise ConfigError(f"config.json: 'quantization_config.weight_block_size' must be [128, 128], got {block!r}")
+            if quant.get("fmt", "e4m3") != "e4m3" or quant.get("scale_fmt", "ue8m0") != "ue8m0":
+                raise ConfigError("config.json: 'quantization_config' must use fmt 'e4m3' with scale_fmt 'ue8m0'")
+
+        cfg = cls(
+            vocab_size=get("vocab_size", int),
+            hidden_size=get("hidden_size", int),
+            num_hidden_layers=get("num_hidden_layers", int),
+            num_nextn_predict_layers=get("num_nextn_predict_layers", int, 0) if "num_nextn_predict_layers" in hf else 0,
+            num_attention_heads=get("num_attention_heads", int),
+            head_dim=get("head_dim", int),
+            qk_rope_head_dim=get("qk_rope_head_dim", int),
+            q_lora_rank=get("q_lora_rank", int),
+            o_groups=get("o_groups", int),
+            o_lora_rank=get("o_lora_rank", int),
+            sliding_window=get("sliding_window", int),
+            compress_ratios=tuple(ratios),
+            rope_theta=float(get("rope_theta", num)),
+            compress_rope_theta=float(get("compress_rope_theta", num)),
+            rope_factor=float(scaling["factor"]),
+            rope_original_max_position=int(scaling["original_max_position_embeddings"]),
+            rope_beta_fast=float(scaling["beta_fast"]),
+            rope_beta_slow=float(scaling["beta_slow"]),
+            max_position_embeddings=get("max_position_embeddings", int),
+            index_n_heads=get("index_n_heads", int),
+            index_head_dim=get("index_head_dim", int),
+            index_topk=get("index_topk", int),
+            hc_mult=get("hc_mult", int),
+            hc_sinkhorn_iters=get("hc_sinkhorn_iters", int),
+            hc_eps=float(get("hc_eps", num)),
+            rms_norm_eps=float(get("rms_norm_eps", num)),
+            n_routed_experts=get("n_routed_experts", int),
+            num_experts_per_tok=get("num_experts_per_tok", int),
+            moe_intermediate_size=get("moe_intermediate_size", int),
+            routed_scaling_factor=float(get("routed_scaling_factor", num)),
+            num_hash_layers=get("num_hash_layers", int),
+            swiglu_limit=float(get("swiglu_limit", num)),
+            expert_dtype=get("expert_dtype", str, "fp8") if "expert_dtype" in hf else "fp8",
+            bos_token_id=hf.get("bos_token_id", 0),
+            eos_token_id=_first(hf.get("eos_token_id", 1)),
+        )
+        cfg.validate()
+        return cfg
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> DeepSeekV4Config:
+        """Read ``config.json`` (a file or a model directory containing one)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / "config.json"
+        try:
+            hf = json.loads(path.read_text())
+        except FileNotFoundError as e:
+            raise ConfigError(f"no config.json at {path}") from e
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not valid JSON: {e}") from e
+        return cls.from_hf(hf)
+
+    def validate(self) -> None:
+        """Reject inconsistent values with a message naming the field (HF key names)."""
+        positive = {
+            "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
+            "num_hidden_layers": self.num_hidden_layers, "num_attention_heads": self.num_attention_heads,
+            "head_dim": self.head_dim, "qk_rope_head_dim": self.qk_rope_head_dim,
+            "q_lora_rank": self.q_lora_rank, "o_groups": self.o_groups, "o_lora_rank": self.o_lora_rank,
+            "sliding_window": self.sliding_window, "index_n_heads": self.index_n_heads,
+            "index_head_dim": self.index_head_dim, "index_topk": self.index_topk, "hc_mult": self.hc_mult,
+            "hc_sinkhorn_iters": self.hc_sinkhorn_iters, "n_routed_experts": self.n_routed_experts,
+            "num_experts_per_tok": self.num_experts_per_tok, "moe_intermediate_size": self.moe_intermediate_size,
+            "max_position_embeddings": self.max_position_embeddings,
+            "rope_scaling.original_max_position_embeddings": self.rope_original_max_position,
+        }
+        for key, v in positive.items():
+            if v <= 0:
+                raise ConfigError(f"config.json: field {key!r} must be positive, got {v}")
+        for key, v in {"num_nextn_predict_layers": self.num_nextn_predict_layers,
+                       "num_hash_layers": self.num_hash_layers}.items():
+            if v < 0:
+                raise ConfigError(f"config.json: field {key!r} must be >= 0, got {v}")
+        for key, v in {"rope_theta": self.rope_theta, "compress_rope_theta": self.compress_rope_theta,
+                       "rope_scaling.factor": self.rope_factor, "rms_norm_eps": self.rms_norm_eps,
+                       "hc_eps": self.hc_eps, "routed_scaling_factor": self.routed_scaling_factor,
+                       "swiglu_limit": self.swiglu_limit}.items():
+            if not (v > 0 and math.isfinite(v)):
+                raise ConfigError(f"config.json: field {key!r} must be a positive finite number, got {v}")
+        n_total = self.num_hidden_layers + self.num_nextn_predict_layers
+        if len(self.compress_ratios) != n_total:
+            raise ConfigError(
+                f"config.json: 'compress_ratios' has {len(self.compress_ratios)} entries, expected "
+                f"num_hidden_layers + num_nextn_predict_layers = {n_total}")
+        for i, m in enumerate(self.compress_ratios):
+            if m < 0 or (m > 0 and PAGE_SIZE % m != 0):
+                raise ConfigError(
+                    f"config.json: 'compress_ratios[{i}]' = {m}: must be 0 or a divisor of the {PAGE_SIZE}-token page")
+        for k in range(self.num_nextn_predict_layers):
+            if self.compress_ratios[self.num_hidden_layers + k] != 0:
+                raise ConfigError(
+                    f"config.json: 'compress_ratios[{self.num_hidden_layers + k}]' (MTP block {k}) must be 0: "
+                    "the MTP block is a sliding-window block")
+        r = self.qk_rope_head_dim
+        if r % 2:
+            raise ConfigError(f"config.json: 'qk_rope_head_dim' must be even, got {r}")
+        if self.head_dim <= r or (self.head_dim - r) % 64:
+            raise ConfigError(
+                f"config.json: 'head_dim' - 'qk_rope_head_dim' = {self.head_dim - r} must be a positive multiple "
+                "of 64 (the KV FP8 simulation uses 64-wide blocks)")
+        di = self.index_head_dim
+        if di < r or di % 32 or di & (di - 1):
+            raise ConfigError(
+                f"config.json: 'index_head_dim' = {di} must be a power of two, a multiple of 32 and >= "
+                "'qk_rope_head_dim' (Hadamard rotation, FP4 blocks of 32, RoPE on its last dims)")
+        if self.num_attention_heads % self.o_groups:
+            raise ConfigError(
+                f"config.json: 'num_attention_heads' ({self.num_attention_heads}) must be divisible by "
+                f"'o_groups' ({self.o_groups})")
+        if self.num_experts_per_tok > self.n_routed_experts:
+            raise ConfigError(
+                f"config.json: 'num_experts_per_tok' ({self.num_experts_per_tok}) exceeds 'n_routed_experts' "
+                f"({self.n_routed_experts})")
+        if self.num_hash_layers > self.num_hidden_layers:
+            raise ConfigError(
+                f"config.json: 'num_hash_layers' ({self.num_hash_layers}) exceeds 'num_hidden_layers' "
+                f"({self.num_hidden_layers})")
+        if self.expert_dtype not in ("fp4", "fp8"):
+            raise ConfigError(f"config.json: 'expert_dtype' must be 'fp4' or 'fp8', got {self.expert_dtype!r}")
+        if self.expert_dtype == "fp4" and (self.hidden_size % 32 or self.moe_intermediate_size % 32):
+            raise ConfigError(
+                "config.json: FP4 experts need 'hidden_size' and 'moe_intermediate_size' divisible by 32")
+
+    def to_hf(self) -> dict[str, Any]:
+        """The HF ``config.json`` dict with the released key names (inverse of :meth:`from_hf`)."""
+        d = asdict(self)
+        hf = {
+            "architectures": ["DeepseekV4ForCausalLM"], "model_type": "deepseek_v4",
+            "attention_bias": False, "attention_dropout": 0.0, "hidden_act": "silu",
+            "num_key_value_heads": 1, "n_shared_experts": 1, "norm_topk_prob": True,
+            "scoring_func": "sqrtsoftplus", "topk_method": "noaux_tc", "tie_word_embeddings": False,
+            "torch_dtype": "bfloat16", "use_cache": True, "initializer_range": 0.02,
+            "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                                    "scale_fmt": "ue8m0", "weight_block_size": [FP8_BLOCK, FP8_BLOCK]},
+            "rope_scaling": {"type": "yarn", "factor": self.rope_factor,
+                             "original_max_position_embeddings": self.rope_original_max_position,
+                             "beta_fast": self.rope_beta_fast, "beta_slow": self.rope_beta_slow},
+        }
+        for k in ("rope_factor", "rope_original_max_position", "rope_beta_fast", "rope_beta_slow"):
+            d.pop(k)
+        d["compress_ratios"] = list(self.compress_ratios)
+        hf.update(d)
+        return hf
+
+
+def _kind(kind: type | tuple[type, ...]) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    names = {int: "an integer", float: "a number", str: "a string", list: "a list", dict: "an object", bool: "a boolean"}
+    return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+def _first(v: Any) -> int:
+    return v[0] if isinstance(v, list) else v
+
+
+def load_config(model_dir: str | Path) -> DeepSeekV4Config:
+    """Typed config of a model directory (or a config.json path)."""
+    return DeepSeekV4Config.from_file(model_dir)

@@ -1,0 +1,541 @@
+"""DeepSeek-V4 forward pass in plain PyTorch (spec sections 3-6), over the paged cache of ``cache.py``.
+
+Module and parameter names equal the released checkpoint keys (``layers.L.attn.wq_a.weight``, ...), so a
+state dict loads by name. Weights are held dequantized in fp32; each :class:`Linear` remembers how the
+release stores it (``stored``) so that the released-precision numerics can quantize its activations.
+
+One forward call extends a batch of sequences (:class:`Step`), each from its own cached length by any
+number of tokens; dense work (projections, MoE) runs over all tokens of the batch together, attention per
+sequence. Prefill, chunked prefill and decode are the same code path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from . import ops
+from .cache import PAGE_SIZE, LayerTail, ResumeState, SequenceCache, TailState
+from .config import DeepSeekV4Config
+from .ops import Numerics
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Leaf modules
+# ---------------------------------------------------------------------------------------------------------
+class Linear(nn.Module):
+    """y = x W^T with W fp32 [out, in]; ``stored`` = release storage ("fp8", "fp4", "bf16", "fp32")."""
+
+    def __init__(self, in_features: int, out_features: int, stored: str):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(out_features, in_features), requires_grad=False)
+        self.stored = stored
+
+    def forward(self, x: torch.Tensor, num: Numerics) -> torch.Tensor:
+        return ops.linear(x, self.weight, self.stored, num)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor, num: Numerics) -> torch.Tensor:
+        return ops.rms_norm(x, self.weight, self.eps, num.act_dtype)
+
+
+def _param(*shape: int) -> nn.Parameter:
+    return nn.Parameter(torch.zeros(*shape), requires_grad=False)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Per-call bookkeeping
+# ---------------------------------------------------------------------------------------------------------
+@dataclass
+class Step:
+    """One sequence's share of a batch: append ``token_ids`` [n] at positions ``seq.length ..``."""
+
+    seq: SequenceCache
+    token_ids: torch.Tensor
+    snapshot_at: tuple[int, ...] = ()
+
+
+@dataclass
+class StepOutput:
+    logits: torch.Tensor  # fp32 [n, vocab]
+    streams: torch.Tensor  # [n, hc, d] output of the last main block (input of hc_head and of MTP)
+    hidden: list[torch.Tensor] | None  # per main layer [n, hc, d] when requested
+    snapshots: dict[int, ResumeState] = field(default_factory=dict)
+
+
+@dataclass
+class _Segment:
+    """Rows ``rows`` of the batch belong to one sequence and extend ``tail`` from ``start`` by ``n``."""
+
+    rows: slice
+    start: int
+    n: int
+    tail: TailState
+    pages: list[int]  # page table, already including the pages this call completes
+    ends: tuple[int, ...]  # lengths at which to emit a per-layer tail (snapshots, then the final length)
+    new_tails: dict[int, list[LayerTail]] = field(default_factory=dict)
+
+
+@dataclass
+class _Ctx:
+    num: Numerics
+    segs: list[_Segment]
+    positions: torch.Tensor  # [N] absolute positions of the batch rows
+    pool: object  # PagePool | None (None for the MTP block, which has no compressed layers)
+
+
+def _emit_window(old: torch.Tensor, buf: torch.Tensor, lo: int, end: int) -> torch.Tensor:
+    """Ring [W, c] at length ``end``: ``old`` updated with rows of ``buf`` (positions ``lo ..``) in slot t % W."""
+    ring = old.clone()
+    size = ring.shape[0]
+    first = max(lo, end - size)
+    if end > first:
+        pos = torch.arange(first, end)
+        ring[pos % size] = buf[first - lo:end - lo].float()
+    return ring
+
+
+def _gather_entries(pool_t: torch.Tensor | None, pages: list[int], partial: torch.Tensor, start: int,
+                    m: int) -> torch.Tensor:
+    """Complete entries [start // m, c] at length ``start``: full pages from the pool + the private partial page."""
+    per_page = PAGE_SIZE // m
+    n_full = start // PAGE_SIZE
+    parts = []
+    if n_full:
+        parts.append(pool_t[torch.tensor(pages[:n_full])].reshape(n_full * per_page, -1))
+    parts.append(partial[:start // m - n_full * per_page])
+    return torch.cat(parts)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Attention
+# ---------------------------------------------------------------------------------------------------------
+class Compressor(nn.Module):
+    """KV compressor of a layer with ratio m (spec 4.4): overlap (CSA, m = 4) or plain (HCA)."""
+
+    def __init__(self, cfg: DeepSeekV4Config, ratio: int, width: int, rotate: bool):
+        super().__init__()
+        self.ratio, self.width = ratio, width
+        self.overlap = ratio == 4
+        k = 2 if self.overlap else 1
+        self.ape = _param(ratio, k * width)
+        self.wkv = Linear(cfg.hidden_size, k * width, "fp32")
+        self.wgate = Linear(cfg.hidden_size, k * width, "fp32")
+        self.norm = RMSNorm(width, cfg.rms_norm_eps)
+        self.rotate = rotate  # indexer keys: Hadamard + FP4; main entries: FP8 on the non-rope dims
+        self.rope_dim = cfg.qk_rope_head_dim
+
+    def raw(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token candidates: x [N, d] -> (K [N, k*c], S [N, k*c]) fp32, S including ape[t mod m]."""
+        xf = x.float()
+        kv = torch.nn.functional.linear(xf, self.wkv.weight)
+        score = torch.nn.functional.linear(xf, self.wgate.weight) + self.ape[positions % self.ratio]
+        return kv, score
+
+    def extend(self, kv: torch.Tensor, score: torch.Tensor, ring_kv: torch.Tensor, ring_score: torch.Tensor,
+               start: int, freqs: torch.Tensor, num: Numerics) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """Append n tokens' raw rows at ``start``; returns (new entries [nb, c] for blocks completed by these
+        tokens, the raw rows kv/score of positions [lo, start + n), lo)."""
+        m = self.ratio
+        n = kv.shape[0]
+        first_block, end_block = start // m, (start + n) // m
+        lo = max(0, m * first_block - m) if self.overlap else m * first_block
+        size = ring_kv.shape[0]
+        old = torch.arange(lo, start) % size
+        all_kv = torch.cat([ring_kv[old], kv])
+        all_score = torch.cat([ring_score[old], score])
+        nb = end_block - first_block
+        if nb <= 0:
+            return kv.new_zeros(0, self.width), all_kv, all_score, lo
+        a, b = m * first_block - lo, m * end_block - lo
+        cur_kv = all_kv[a:b].view(nb, m, -1)
+        cur_score = all_score[a:b].view(nb, m, -1)
+        if self.overlap:
+            if first_block == 0:  # block 0 has no predecessor: its candidates get score -inf
+                head_kv = torch.zeros_like(cur_kv[:1])
+                head_score = torch.full_like(cur_score[:1], float("-inf"))
+            else:
+                head_kv = all_kv[a - m:a].view(1, m, -1)
+                head_score = all_score[a - m:a].view(1, m, -1)
+            prev_kv = torch.cat([head_kv, cur_kv[:-1]])
+            prev_score = torch.cat([head_score, cur_score[:-1]])
+            pooled = ops.compress_entries(cur_kv, cur_score, prev_kv, prev_score)
+        else:
+            pooled = ops.compress_entries(cur_kv, cur_score)
+        entries = self.norm(pooled.to(num.act_dtype), num)
+        block_pos = torch.arange(first_block, end_block) * m  # RoPE at the first token of the entry's block
+        entries = ops.rope_tail(entries, block_pos, freqs)
+        if self.rotate:
+            entries = ops.hadamard(entries)
+            if num.kv_sim:
+                entries = ops.fp4_sim(entries, 32)
+        elif num.kv_sim:
+            entries = ops.kv_fp8_sim(entries, self.rope_dim)
+        return entries, all_kv, all_score, lo
+
+
+class Indexer(nn.Module):
+    """Lightning indexer of a CSA layer (spec 4.5)."""
+
+    def __init__(self, cfg: DeepSeekV4Config):
+        super().__init__()
+        self.n_heads, self.head_dim = cfg.index_n_heads, cfg.index_head_dim
+        self.topk = cfg.index_topk
+        self.wq_b = Linear(cfg.q_lora_rank, self.n_heads * self.head_dim, "fp8")
+        self.weights_proj = Linear(cfg.hidden_size, self.n_heads, "bf16")
+        self.compressor = Compressor(cfg, 4, self.head_dim, rotate=True)
+        self.scale = self.head_dim**-0.5 * self.n_heads**-0.5
+
+    def queries(self, x: torch.Tensor, q_r: torch.Tensor, positions: torch.Tensor, freqs: torch.Tensor,
+                num: Numerics) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (q [N, H_I, D_I], head weights [N, H_I])."""
+        q = self.wq_b(q_r, num).view(-1, self.n_heads, self.head_dim).to(num.act_dtype)
+        q = ops.hadamard(ops.rope_tail(q, positions, freqs))
+        if num.kv_sim:
+            q = ops.fp4_sim(q, 32)
+        w = (self.weights_proj(x, num) * self.scale).to(num.act_dtype)
+        return q, w
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: DeepSeekV4Config, layer_id: int):
+        super().__init__()
+        self.cfg = cfg
+        self.layer_id = layer_id
+        self.ratio = cfg.ratio(layer_id)
+        H, D = cfg.num_attention_heads, cfg.head_dim
+        self.n_heads, self.head_dim, self.rope_dim = H, D, cfg.qk_rope_head_dim
+        self.window = cfg.sliding_window
+        self.attn_sink = _param(H)
+        self.wq_a = Linear(cfg.hidden_size, cfg.q_lora_rank, "fp8")
+        self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+        self.wq_b = Linear(cfg.q_lora_rank, H * D, "fp8")
+        self.wkv = Linear(cfg.hidden_size, D, "fp8")
+        self.kv_norm = RMSNorm(D, cfg.rms_norm_eps)
+        self.n_groups, self.o_rank = cfg.o_groups, cfg.o_lora_rank
+        self.wo_a = Linear(H * D // cfg.o_groups, cfg.o_groups * cfg.o_lora_rank, "bf16")
+        self.wo_b = Linear(cfg.o_groups * cfg.o_lora_rank, cfg.hidden_size, "fp8")
+        self.compressor = Compressor(cfg, self.ratio, D, rotate=False) if self.ratio else None
+        self.indexer = Indexer(cfg) if self.ratio == 4 else None
+        if self.ratio:
+            yarn = (cfg.rope_original_max_position, cfg.rope_factor, cfg.rope_beta_fast, cfg.rope_beta_slow)
+            freqs = ops.rope_frequencies(self.rope_dim, cfg.compress_rope_theta, yarn)
+        else:
+            freqs = ops.rope_frequencies(self.rope_dim, cfg.rope_theta, None)
+        self.register_buffer("freqs", freqs, persistent=False)
+        self.eps = cfg.rms_norm_eps
+
+    def forward(self, x: torch.Tensor, ctx: _Ctx, slot: int) -> torch.Tensor:
+        """x [N, d] (after attn_norm) -> [N, d]; reads and advances layer ``slot`` of every segment's tail."""
+        num, pos, N = ctx.num, ctx.positions, x.shape[0]
+        H, D = self.n_heads, self.head_dim
+        q_r = self.q_norm(self.wq_a(x, num), num)
+        q = self.wq_b(q_r, num).view(N, H, D).to(num.act_dtype)
+        q = q * torch.rsqrt(q.square().mean(-1, keepdim=True) + self.eps)  # unweighted per-head RMS, act dtype
+        q = ops.rope_tail(q, pos, self.freqs)
+        kv = self.kv_norm(self.wkv(x, num), num)
+        kv = ops.rope_tail(kv, pos, self.freqs)
+        if num.kv_sim:
+            kv = ops.kv_fp8_sim(kv, self.rope_dim)
+        comp = self.compressor.raw(x, pos) if self.compressor is not None else None
+        if self.indexer is not None:
+            iq, iw = self.indexer.queries(x, q_r, pos, self.freqs, num)
+            icomp = self.indexer.compressor.raw(x, pos)
+
+        out = q.new_zeros(N, H, D)
+        for seg in ctx.segs:
+            r = seg.rows
+            old = seg.tail.layers[slot]
+            s, e = seg.start, seg.start + seg.n
+            # --- window keys: ring positions [w_lo, s) + the new tokens
+            w_lo = max(0, s - self.window + 1)
+            ring_pos = torch.arange(w_lo, s) % self.window
+            win = torch.cat([old.window[ring_pos].to(num.act_dtype), kv[r]])  # [s - w_lo + n, D]
+            qpos = torch.arange(s, e)
+            kpos = qpos[:, None] - self.window + 1 + torch.arange(self.window)[None, :]  # [n, W]
+            idx = torch.where(kpos >= 0, kpos - w_lo, -1)
+            keys = win
+            new_state: dict[str, torch.Tensor] = {}
+            if self.compressor is not None:
+                m = self.ratio
+                new, raw_kv, raw_score, c_lo = self.compressor.extend(
+                    comp[0][r], comp[1][r], old.comp_kv, old.comp_score, s, self.freqs, num)
+                entries = torch.cat([_gather_entries(ctx.pool.entries.get(self.layer_id), seg.pages, old.entries,
+                                                     s, m).to(num.act_dtype), new])  # [e // m, D]
+                new_state["entries"] = entries
+                new_state["comp"] = (raw_kv, raw_score, c_lo)
+                n_avail = (qpos + 1) // m  # entries a query at p may use
+                if self.indexer is not None:
+                    inew, iraw_kv, iraw_score, i_lo = self.indexer.compressor.extend(
+                        icomp[0][r], icomp[1][r], old.idx_kv, old.idx_score, s, self.freqs, num)
+                    ikeys = torch.cat([_gather_entries(ctx.pool.index_keys[self.layer_id], seg.pages,
+                                                       old.index_keys, s, 4).to(num.act_dtype), inew])
+                    new_state["index_keys"] = ikeys
+                    new_state["icomp"] = (iraw_kv, iraw_score, i_lo)
+                    scores = ops.indexer_scores(iq[r], iw[r], ikeys, num.act_dtype)
+                    sel = ops.indexer_topk(scores, n_avail, self.indexer.topk)
+                else:  # HCA: every available entry
+                    ent = torch.arange(entries.shape[0])[None, :]
+                    sel = torch.where(ent < n_avail[:, None], ent, -1)
+                idx = torch.cat([idx, torch.where(sel >= 0, sel + win.shape[0], -1)], dim=1)
+                keys = torch.cat([win, entries])
+            out[r] = ops.sparse_attention(q[r], keys, idx, self.attn_sink, self.head_dim**-0.5, num.bf16_probs)
+            self._commit(seg, slot, old, win, w_lo, new_state, ctx)
+
+        o = ops.rope_tail(out, pos, self.freqs, inverse=True)
+        o = o.reshape(N, self.n_groups, -1)
+        wo_a = self.wo_a.weight.view(self.n_groups, self.o_rank, -1)
+        if num.act_dtype == torch.bfloat16:
+            z = torch.einsum("ngi,gri->ngr", o.to(torch.bfloat16), wo_a.to(torch.bfloat16))
+        else:
+            z = torch.einsum("ngi,gri->ngr", o.float(), wo_a)
+        return self.wo_b(z.flatten(1), num)
+
+    def _commit(self, seg: _Segment, slot: int, old: LayerTail, win: torch.Tensor, w_lo: int,
+                new: dict, ctx: _Ctx) -> None:
+        """Write pages completed by this call and emit the layer's tail at every requested length."""
+        if self.compressor is not None:
+            m = self.ratio
+            per_page = PAGE_SIZE // m
+            done_before, done_after = seg.start // PAGE_SIZE, (seg.start + seg.n) // PAGE_SIZE
+            for k in range(done_before, done_after):
+                page = seg.pages[k]
+                ctx.pool.entries[self.layer_id][page] = new["entries"][k * per_page:(k + 1) * per_page].float()
+                if self.indexer is not None:
+                    ctx.pool.index_keys[self.layer_id][page] = new["index_keys"][k * 32:(k + 1) * 32].float()
+        for end in seg.ends:
+            lt = LayerTail(window=_emit_window(old.window, win, w_lo, end))
+            if self.compressor is not None:
+                raw_kv, raw_score, c_lo = new["comp"]
+                lt.comp_kv = _emit_window(old.comp_kv, raw_kv, c_lo, end)
+                lt.comp_score = _emit_window(old.comp_score, raw_score, c_lo, end)
+                lt.entries = _partial_page(old.entries, new["entries"], end, self.ratio)
+            if self.indexer is not None:
+                raw_kv, raw_score, c_lo = new["icomp"]
+                lt.idx_kv = _emit_window(old.idx_kv, raw_kv, c_lo, end)
+                lt.idx_score = _emit_window(old.idx_score, raw_score, c_lo, end)
+                lt.index_keys = _partial_page(old.index_keys, new["index_keys"], end, 4)
+            seg.new_tails.setdefault(end, []).append(lt)
+
+
+def _partial_page(old: torch.Tensor, entries: torch.Tensor, end: int, m: int) -> torch.Tensor:
+    """Private entries of the incomplete page at length ``end`` (entry i in slot i % (PAGE_SIZE / m))."""
+    per_page = PAGE_SIZE // m
+    first = (end // PAGE_SIZE) * per_page
+    buf = torch.zeros_like(old)
+    buf[:end // m - first] = entries[first:end // m].float()
+    return buf
+
+
+# ---------------------------------------------------------------------------------------------------------
+# MoE
+# ---------------------------------------------------------------------------------------------------------
+class Expert(nn.Module):
+    """SwiGLU MLP with the clamp of spec 5.2; ``stored`` = "fp8" (shared) or the routed expert dtype."""
+
+    def __init__(self, dim: int, inter: int, stored: str, limit: float):
+        super().__init__()
+        self.w1 = Linear(dim, inter, stored)
+        self.w2 = Linear(inter, dim, stored)
+        self.w3 = Linear(dim, inter, stored)
+        self.limit = limit
+
+    def forward(self, x: torch.Tensor, num: Numerics, weight: torch.Tensor | None = None) -> torch.Tensor:
+        h = ops.swiglu(self.w1(x, num), self.w3(x, num), self.limit)
+        if weight is not None:
+            h = weight[:, None] * h  # routing weight before w2, in fp32
+        return self.w2(h.to(num.act_dtype), num)
+
+
+class Gate(nn.Module):
+    def __init__(self, cfg: DeepSeekV4Config, layer_id: int):
+        super().__init__()
+        self.topk, self.route_scale = cfg.num_experts_per_tok, cfg.routed_scaling_factor
+        self.weight = _param(cfg.n_routed_experts, cfg.hidden_size)
+        self.hash = cfg.is_hash_layer(layer_id)
+        if self.hash:
+            self.register_buffer("tid2eid", torch.zeros(cfg.vocab_size, cfg.num_experts_per_tok, dtype=torch.long))
+            self.bias = None
+        else:
+            self.bias = _param(cfg.n_routed_experts)
+
+    def forward(self, x: torch.Tensor, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = torch.nn.functional.linear(x.float(), self.weight)
+        hashed = self.tid2eid[token_ids] if self.hash else None
+        return ops.route(logits, self.bias, hashed, self.topk, self.route_scale)
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: DeepSeekV4Config, layer_id: int):
+        super().__init__()
+        self.gate = Gate(cfg, layer_id)
+        F_, d = cfg.moe_intermediate_size, cfg.hidden_size
+        self.experts = nn.ModuleList(Expert(d, F_, cfg.expert_dtype, cfg.swiglu_limit)
+                                     for _ in range(cfg.n_routed_experts))
+        self.shared_experts = Expert(d, F_, "fp8", cfg.swiglu_limit)
+
+    def forward(self, x: torch.Tensor, token_ids: torch.Tensor, num: Numerics) -> torch.Tensor:
+        weights, experts = self.gate(x, token_ids)
+        y = torch.zeros(x.shape, dtype=torch.float32)
+        # routed experts in increasing index, then the shared expert: the reference's accumulation order
+        for e in torch.unique(experts).tolist():
+            rows, k = torch.nonzero(experts == e, as_tuple=True)
+            y.index_add_(0, rows, self.experts[e](x[rows], num, weights[rows, k]).float())
+        y += self.shared_experts(x, num).float()
+        return y.to(num.act_dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Blocks and the model
+# ---------------------------------------------------------------------------------------------------------
+class Block(nn.Module):
+    def __init__(self, cfg: DeepSeekV4Config, layer_id: int):
+        super().__init__()
+        hc, d = cfg.hc_mult, cfg.hidden_size
+        mix = (2 + hc) * hc
+        self.hc_attn_fn, self.hc_attn_base, self.hc_attn_scale = _param(mix, hc * d), _param(mix), _param(3)
+        self.hc_ffn_fn, self.hc_ffn_base, self.hc_ffn_scale = _param(mix, hc * d), _param(mix), _param(3)
+        self.attn_norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.ffn_norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.attn = Attention(cfg, layer_id)
+        self.ffn = MoE(cfg, layer_id)
+        self.hc_kw = dict(norm_eps=cfg.rms_norm_eps, hc_eps=cfg.hc_eps, iters=cfg.hc_sinkhorn_iters)
+
+    def forward(self, X: torch.Tensor, token_ids: torch.Tensor, ctx: _Ctx, slot: int) -> torch.Tensor:
+        """Streams X [N, hc, d] -> [N, hc, d]."""
+        u, post, comb = ops.hc_pre(X, self.hc_attn_fn, self.hc_attn_scale, self.hc_attn_base, **self.hc_kw)
+        X = ops.hc_post(self.attn(self.attn_norm(u, ctx.num), ctx, slot), X, post, comb)
+        u, post, comb = ops.hc_pre(X, self.hc_ffn_fn, self.hc_ffn_scale, self.hc_ffn_base, **self.hc_kw)
+        return ops.hc_post(self.ffn(self.ffn_norm(u, ctx.num), token_ids, ctx.num), X, post, comb)
+
+
+class MTPBlock(Block):
+    """Multi-token prediction block (spec 6): a sliding-window block fed by (main streams, next token)."""
+
+    def __init__(self, cfg: DeepSeekV4Config, layer_id: int):
+        super().__init__(cfg, layer_id)
+        d, hc = cfg.hidden_size, cfg.hc_mult
+        self.e_proj = Linear(d, d, "fp8")
+        self.h_proj = Linear(d, d, "fp8")
+        self.enorm = RMSNorm(d, cfg.rms_norm_eps)
+        self.hnorm = RMSNorm(d, cfg.rms_norm_eps)
+        self.norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.hc_head_fn, self.hc_head_base, self.hc_head_scale = _param(hc, hc * d), _param(hc), _param(1)
+
+
+class DeepSeekV4(nn.Module):
+    """The full model. Use :meth:`forward` with :class:`Step` s over :class:`SequenceCache` s."""
+
+    def __init__(self, cfg: DeepSeekV4Config):
+        super().__init__()
+        self.config = cfg
+        d, hc = cfg.hidden_size, cfg.hc_mult
+        self.embed = nn.Embedding(cfg.vocab_size, d)
+        self.embed.weight.requires_grad_(False)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.mtp = nn.ModuleList(MTPBlock(cfg, cfg.n_layers + k) for k in range(cfg.num_nextn_predict_layers))
+        self.norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.head = Linear(d, cfg.vocab_size, "fp32")
+        self.hc_head_fn, self.hc_head_base, self.hc_head_scale = _param(hc, hc * d), _param(hc), _param(1)
+
+    def new_sequence(self, pool) -> SequenceCache:
+        return SequenceCache.new(self.config, pool)
+
+    def _head(self, X: torch.Tensor, fn, scale, base, norm: RMSNorm, num: Numerics) -> torch.Tensor:
+        cfg = self.config
+        h = ops.hc_head(X, fn, scale, base, norm_eps=cfg.rms_norm_eps, hc_eps=cfg.hc_eps)
+        return torch.nn.functional.linear(norm(h, num).float(), self.head.weight)
+
+    def _segments(self, steps: list[tuple[TailState, list[int], int, tuple[int, ...]]]) -> tuple[list[_Segment], torch.Tensor]:
+        segs, positions, row = [], [], 0
+        for tail, pages, n, snaps in steps:
+            s = tail.length
+            for b in snaps:
+                if not s < b <= s + n:
+                    raise ValueError(f"snapshot position {b} outside ({s}, {s + n}] of this step")
+            ends = tuple(sorted(set(snaps) | {s + n}))
+            segs.append(_Segment(slice(row, row + n), s, n, tail, pages, ends))
+            positions.append(torch.arange(s, s + n))
+            row += n
+        return segs, (torch.cat(positions) if positions else torch.zeros(0, dtype=torch.long))
+
+    @torch.no_grad()
+    def forward(self, steps: list[Step], *, numerics: Numerics | str = "fp32", return_hidden: bool = False,
+                compute_logits: bool = True) -> list[StepOutput]:
+        """Extend every step's sequence by its tokens; returns per-step logits/streams (and snapshots)."""
+        num = numerics if isinstance(numerics, Numerics) else Numerics.from_mode(numerics)
+        cfg = self.config
+        for st in steps:
+            if st.token_ids.dim() != 1 or st.token_ids.numel() == 0:
+                raise ValueError(f"Step.token_ids must be a non-empty 1-D tensor, got shape {tuple(st.token_ids.shape)}")
+            if int(st.token_ids.min()) < 0 or int(st.token_ids.max()) >= cfg.vocab_size:
+                raise ValueError(f"token id out of range [0, {cfg.vocab_size})")
+            # pages completed by this step are allocated up front and written layer by layer
+            s, n = st.seq.length, st.token_ids.numel()
+            for _ in range(s // PAGE_SIZE, (s + n) // PAGE_SIZE):
+                st.seq.pages.append(st.seq.pool.alloc())
+        if not steps:
+            return []
+        segs, positions = self._segments([(st.seq.tail, st.seq.pages, st.token_ids.numel(), st.snapshot_at)
+                                          for st in steps])
+        ctx = _Ctx(num, segs, positions, steps[0].seq.pool)
+        ids = torch.cat([st.token_ids for st in steps]).long()
+        x = self.embed.weight[ids].to(num.act_dtype)
+        X = x[:, None, :].expand(-1, cfg.hc_mult, -1).contiguous()
+        hidden = []
+        for i, layer in enumerate(self.layers):
+            X = layer(X, ids, ctx, i)
+            if return_hidden:
+                hidden.append(X)
+        logits = (self._head(X, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, self.norm, num)
+                  if compute_logits else None)
+
+        outs = []
+        for st, seg in zip(steps, segs, strict=True):
+            r = seg.rows
+            end = seg.start + seg.n
+            snaps = {}
+            for b in seg.ends:
+                tail = TailState(b, seg.new_tails[b])
+                if b == end:
+                    st.seq.tail = tail
+                else:
+                    pages = tuple(st.seq.pages[:b // PAGE_SIZE])
+                    st.seq.pool.retain(pages)
+                    snaps[b] = ResumeState(st.seq.pool, pages, tail)
+            outs.append(StepOutput(logits[r] if logits is not None else None, X[r],
+                                   [h[r] for h in hidden] if return_hidden else None, snaps))
+        return outs
+
+    @torch.no_grad()
+    def forward_mtp(self, seqs: list[SequenceCache], streams: list[torch.Tensor], next_ids: list[torch.Tensor], *,
+                    numerics: Numerics | str = "fp32", block: int = 0) -> list[torch.Tensor]:
+        """MTP block ``block`` on (main streams of positions t, token t + 1) for each sequence, continuing its
+        MTP window from ``seq.mtp_tail.length``; streams [n, hc, d], next_ids [n] -> logits fp32 [n, vocab]
+        (the prediction of token t + 2)."""
+        num = numerics if isinstance(numerics, Numerics) else Numerics.from_mode(numerics)
+        if not self.mtp:
+            raise ValueError("this model has no MTP block (num_nextn_predict_layers = 0)")
+        mtp = self.mtp[block]
+        segs, positions = self._segments([(sq.mtp_tail, [], ids.numel(), ()) for sq, ids in zip(seqs, next_ids, strict=True)])
+        if not segs:
+            return []
+        ctx = _Ctx(num, segs, positions, None)
+        ids = torch.cat(next_ids).long()
+        X = torch.cat(streams).to(num.act_dtype)
+        e = mtp.e_proj(mtp.enorm(self.embed.weight[ids].to(num.act_dtype), num), num)
+        h = mtp.h_proj(mtp.hnorm(X, num), num)
+        X = (e[:, None, :] + h).to(num.act_dtype)
+        X = mtp(X, ids, ctx, block)
+        logits = self._head(X, mtp.hc_head_fn, mtp.hc_head_scale, mtp.hc_head_base, mtp.norm, num)
+        for sq, seg in zip(seqs, segs, strict=True):
+            sq.mtp_tail = TailState(seg.start + seg.n, seg.new_tails[seg.start + seg.n])
+        return [logits[seg.rows] for seg in segs]

@@ -1,0 +1,360 @@
+"""Functional building blocks of DeepSeek-V4, plain PyTorch (the CPU / reference path).
+
+Every function here is a pure function of its tensor arguments with the shapes given in its docstring;
+the modules in ``model.py`` only hold weights and call these. The hot ops a kernel may replace are
+
+* :func:`compress_entries`       - compressor entry formation (softmax-gated pooling of a block),
+* :func:`indexer_scores` / :func:`indexer_topk` - lightning-indexer scoring and top-k selection,
+* :func:`sparse_attention`       - attention over gathered keys (window + selected entries) with sink,
+* :func:`hc_pre` / :func:`hc_post` / :func:`hc_split_sinkhorn` - the mHC residual mixing.
+
+Numerics follow spec sections 2-5. Where the reference rounds to bf16, these functions round to
+``act_dtype`` (``torch.bfloat16`` in the released precision, ``torch.float32`` in the fp32 modes, where the
+rounding is therefore the identity).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+FP8_MAX = 448.0
+FP4_MAX = 6.0
+# e2m1 code values in code-index order; code bit 3 is the sign.
+FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+
+
+@dataclass(frozen=True)
+class Numerics:
+    """How a forward pass rounds (the modes of conformance/model/README.md)."""
+
+    act_dtype: torch.dtype  # where the reference holds bf16 activations
+    kv_sim: bool  # FP8 simulation of KV vectors / main entries, FP4 simulation of indexer q and keys
+    act_quant: bool  # FP8 (block 128) activation quantization before every FP8 / FP4 linear
+    bf16_probs: bool  # attention probabilities rounded to bf16 before the value product
+
+    @staticmethod
+    def from_mode(mode: str) -> Numerics:
+        try:
+            return _MODES[mode]
+        except KeyError:
+            raise ValueError(f"unknown numerics mode {mode!r}; expected one of {sorted(_MODES)}") from None
+
+
+_MODES = {
+    "fp32": Numerics(torch.float32, kv_sim=False, act_quant=False, bf16_probs=False),
+    "fp32_sim": Numerics(torch.float32, kv_sim=True, act_quant=False, bf16_probs=False),
+    "quant": Numerics(torch.bfloat16, kv_sim=True, act_quant=True, bf16_probs=True),
+}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Quantizers (spec 2.3, 2.4, 2.6) and weight dequantization (spec 7)
+# ---------------------------------------------------------------------------------------------------------
+def _pow2_ceil(t: torch.Tensor) -> torch.Tensor:
+    """2^ceil(log2(t)) for positive normal fp32 ``t``, read off the bit pattern (exponent, +1 if mantissa != 0)."""
+    bits = t.float().contiguous().view(torch.int32)
+    exp = ((bits >> 23) & 0xFF) - 127 + ((bits & 0x7FFFFF) != 0).int()
+    return torch.ldexp(torch.ones_like(t, dtype=torch.float32), exp)
+
+
+def _blocks(x: torch.Tensor, block: int) -> torch.Tensor:
+    if x.shape[-1] % block:
+        raise ValueError(f"last dim {x.shape[-1]} is not a multiple of the quantization block {block}")
+    return x.reshape(*x.shape[:-1], x.shape[-1] // block, block)
+
+
+def fp8_scales(x: torch.Tensor, block: int) -> torch.Tensor:
+    """Power-of-two e4m3 scales of ``x`` [..., n] per block of ``block`` along the last dim -> fp32 [..., n/block]."""
+    amax = _blocks(x, block).float().abs().amax(-1).clamp_min(1e-4)
+    return _pow2_ceil(amax * torch.tensor(1.0 / FP8_MAX, dtype=torch.float32))
+
+
+def act_quant(x: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """FP8 activation quantization (spec 2.6): x [..., n] -> (q float8_e4m3fn [..., n], s float8_e8m0fnu [..., n/block])."""
+    s = fp8_scales(x, block)
+    q = (_blocks(x, block).float() / s[..., None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return q.reshape(x.shape), s.to(torch.float8_e8m0fnu)
+
+
+def fp8_sim(x: torch.Tensor, block: int) -> torch.Tensor:
+    """In-place-style FP8 e4m3 fake quantization (spec 2.3): x [..., n] -> same shape and dtype."""
+    q, s = act_quant(x, block)
+    y = _blocks(q, block).float() * s.float()[..., None]
+    return y.reshape(x.shape).to(torch.bfloat16).to(x.dtype)
+
+
+def fp4_sim(x: torch.Tensor, block: int = 32) -> torch.Tensor:
+    """FP4 e2m1 fake quantization (spec 2.4): x [..., n] -> same shape and dtype, ties to the even code."""
+    xb = _blocks(x, block).float()
+    s = _pow2_ceil(xb.abs().amax(-1, keepdim=True).clamp_min(FP4_MAX * 2.0**-126) / FP4_MAX)
+    v = (xb / s).clamp(-FP4_MAX, FP4_MAX)
+    grid = torch.tensor(FP4_VALUES, dtype=torch.float32)
+    mids = (grid[1:] + grid[:-1]) / 2
+    a = v.abs()
+    code = torch.searchsorted(mids, a.contiguous())  # number of midpoints strictly below |v|: the lower neighbour
+    tie = mids[code.clamp(max=len(mids) - 1)] == a
+    code = torch.where(tie & (code % 2 == 1), code + 1, code)  # on a tie take the even code
+    y = torch.copysign(grid[code], v) * s
+    return y.reshape(x.shape).to(torch.bfloat16).to(x.dtype)
+
+
+def dequant_fp8_weight(w: torch.Tensor, scale: torch.Tensor, block: int = 128) -> torch.Tensor:
+    """w float8_e4m3fn [out, in], scale float8_e8m0fnu [ceil(out/block), ceil(in/block)] -> fp32 [out, in]."""
+    out, inp = w.shape
+    s = scale.float().repeat_interleave(block, 0)[:out].repeat_interleave(block, 1)[:, :inp]
+    return w.float() * s
+
+
+def unpack_fp4(w: torch.Tensor) -> torch.Tensor:
+    """Packed e2m1 int8 [out, in/2] (low nibble = even column) -> fp32 code values [out, in]."""
+    b = w.view(torch.uint8).int()
+    codes = torch.stack([b & 0xF, b >> 4], dim=-1).reshape(w.shape[0], -1)
+    mag = torch.tensor(FP4_VALUES, dtype=torch.float32)[codes & 7]
+    return torch.where(codes & 8 != 0, -mag, mag)
+
+
+def pack_fp4(values: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`unpack_fp4`: fp32 [out, in] holding e2m1 values -> int8 [out, in/2]."""
+    grid = torch.tensor(FP4_VALUES, dtype=torch.float32)
+    idx = (values.abs()[..., None] == grid).int().argmax(-1)
+    if not torch.equal(grid[idx], values.abs()):
+        raise ValueError("pack_fp4: values are not on the e2m1 grid")
+    codes = (idx | torch.where(torch.signbit(values), 8, 0)).to(torch.uint8)
+    packed = codes[:, 0::2] | (codes[:, 1::2] << 4)
+    return packed.view(torch.int8)
+
+
+def dequant_fp4_weight(w: torch.Tensor, scale: torch.Tensor, block: int = 32) -> torch.Tensor:
+    """w int8 [out, in/2] packed e2m1, scale float8_e8m0fnu [out, in/block] -> fp32 [out, in]."""
+    return unpack_fp4(w) * scale.float().repeat_interleave(block, 1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Elementwise pieces (spec 2.1, 2.2, 2.5)
+# ---------------------------------------------------------------------------------------------------------
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, out_dtype: torch.dtype) -> torch.Tensor:
+    """x [..., n] -> w * x / sqrt(mean(x^2) + eps) computed in fp32, rounded to ``out_dtype``."""
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
+    if weight is not None:
+        y = weight.float() * y
+    return y.to(out_dtype)
+
+
+def rope_frequencies(rope_dim: int, base: float, yarn: tuple[int, float, float, float] | None) -> torch.Tensor:
+    """Per-pair rotary frequencies theta'_i, fp32 [rope_dim/2] (spec 2.2).
+
+    ``yarn`` = (original_seq_len, factor, beta_fast, beta_slow) or None for plain RoPE.
+    """
+    freqs = 1.0 / (base ** (torch.arange(0, rope_dim, 2, dtype=torch.float32) / rope_dim))
+    if yarn is not None:
+        original_len, factor, beta_fast, beta_slow = yarn
+
+        def correction_dim(n_rot: float) -> float:
+            return rope_dim * math.log(original_len / (n_rot * 2 * math.pi)) / (2 * math.log(base))
+
+        lo = max(math.floor(correction_dim(beta_fast)), 0)
+        hi = min(math.ceil(correction_dim(beta_slow)), rope_dim - 1)
+        if lo == hi:
+            hi += 0.001
+        ramp = ((torch.arange(rope_dim // 2, dtype=torch.float32) - lo) / (hi - lo)).clamp(0, 1)
+        keep = 1 - ramp
+        freqs = freqs / factor * (1 - keep) + freqs * keep
+    return freqs
+
+
+def apply_rope(x: torch.Tensor, positions: torch.Tensor, freqs: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """Rotate interleaved pairs of the last dim: x [n, ..., r] at positions [n] -> same shape and dtype."""
+    angles = torch.outer(positions.to(torch.float32), freqs)  # [n, r/2]
+    cis = torch.polar(torch.ones_like(angles), -angles if inverse else angles)
+    cis = cis.view(cis.shape[0], *([1] * (x.dim() - 2)), cis.shape[1])
+    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2).contiguous())
+    return torch.view_as_real(xc * cis).reshape(x.shape).to(x.dtype)
+
+
+def rope_tail(x: torch.Tensor, positions: torch.Tensor, freqs: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """RoPE on the last ``2 * len(freqs)`` dims of x [n, ..., D]; the leading dims are passed through."""
+    r = 2 * freqs.numel()
+    return torch.cat([x[..., :-r], apply_rope(x[..., -r:], positions, freqs, inverse)], dim=-1)
+
+
+def hadamard_matrix(n: int) -> torch.Tensor:
+    """Sylvester (natural order) Walsh-Hadamard matrix, fp32 [n, n]; n a power of two."""
+    h = torch.ones(1, 1)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h
+
+
+def hadamard(x: torch.Tensor) -> torch.Tensor:
+    """rot(x) = (x @ H_n) * n^-1/2 along the last dim, in fp32, rounded back to x.dtype (spec 2.5)."""
+    n = x.shape[-1]
+    return ((x.float() @ hadamard_matrix(n).to(x.device)) * n**-0.5).to(x.dtype)
+
+
+def kv_fp8_sim(kv: torch.Tensor, rope_dim: int) -> torch.Tensor:
+    """FP8 simulation of a KV vector / main entry: dims [0, D - r) in blocks of 64, rope dims untouched."""
+    return torch.cat([fp8_sim(kv[..., :-rope_dim], 64), kv[..., -rope_dim:]], dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Linear layers (spec 2.6)
+# ---------------------------------------------------------------------------------------------------------
+def linear(x: torch.Tensor, weight: torch.Tensor, stored: str, num: Numerics) -> torch.Tensor:
+    """y = x @ W^T for x [..., in], W fp32 [out, in] (already dequantized).
+
+    ``stored`` is how the reference keeps the weight at run time: "fp8" / "fp4" (quantized GEMM: activation
+    FP8-quantized in blocks of 128, fp32 accumulation, output ``act_dtype``), "bf16" (bf16 GEMM) or "fp32".
+    In the fp32 modes every kind is a plain fp32 matmul.
+    """
+    if num.act_dtype == torch.float32 and not num.act_quant:
+        return F.linear(x.float(), weight)
+    if stored in ("fp8", "fp4"):
+        xq = fp8_sim(x, 128).float() if num.act_quant else x.float()
+        return F.linear(xq, weight).to(num.act_dtype)
+    if stored == "bf16":
+        return F.linear(x.to(torch.bfloat16), weight.to(torch.bfloat16)).to(num.act_dtype)
+    return F.linear(x.float(), weight)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# mHC residual streams (spec 3.3, 3.4)
+# ---------------------------------------------------------------------------------------------------------
+def hc_mixes(x: torch.Tensor, fn: torch.Tensor, norm_eps: float) -> torch.Tensor:
+    """Dynamic mixing logits mu = (fn . z) / rms(z): streams x [n, hc, d], fn fp32 [m, hc*d] -> fp32 [n, m]."""
+    z = x.flatten(1).float()
+    return F.linear(z, fn) * torch.rsqrt(z.square().mean(-1, keepdim=True) + norm_eps)
+
+
+def hc_split_sinkhorn(mixes: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, hc: int, iters: int,
+                      eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """mixes fp32 [n, (2+hc)*hc] -> pre [n, hc], post [n, hc], comb [n, hc, hc] (comb[j, k]: old j -> new k)."""
+    pre = torch.sigmoid(scale[0] * mixes[:, :hc] + base[:hc]) + eps
+    post = 2 * torch.sigmoid(scale[1] * mixes[:, hc:2 * hc] + base[hc:2 * hc])
+    logits = (scale[2] * mixes[:, 2 * hc:] + base[2 * hc:]).view(-1, hc, hc)
+    comb = torch.softmax(logits, dim=-1) + eps
+    comb = comb / (comb.sum(-2, keepdim=True) + eps)
+    for _ in range(iters - 1):
+        comb = comb / (comb.sum(-1, keepdim=True) + eps)
+        comb = comb / (comb.sum(-2, keepdim=True) + eps)
+    return pre, post, comb
+
+
+def hc_pre(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, *, norm_eps: float,
+           hc_eps: float, iters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Streams x [n, hc, d] -> (sublayer input u [n, d] in x.dtype, post [n, hc], comb [n, hc, hc])."""
+    pre, post, comb = hc_split_sinkhorn(hc_mixes(x, fn, norm_eps), scale, base, x.shape[1], iters, hc_eps)
+    u = (pre[..., None] * x.float()).sum(1)
+    return u.to(x.dtype), post, comb
+
+
+def hc_post(v: torch.Tensor, x: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
+    """New streams X'_k = post_k v + sum_j comb[j, k] X_j: v [n, d], x [n, hc, d] -> [n, hc, d] in x.dtype."""
+    y = post[..., None] * v.float()[:, None, :] + (comb[..., None] * x.float()[:, :, None, :]).sum(1)
+    return y.to(x.dtype)
+
+
+def hc_head(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, *, norm_eps: float,
+            hc_eps: float) -> torch.Tensor:
+    """Collapse streams x [n, hc, d] -> [n, d] with sigmoid weights (spec 3.4)."""
+    w = torch.sigmoid(scale[0] * hc_mixes(x, fn, norm_eps) + base) + hc_eps
+    return (w[..., None] * x.float()).sum(1).to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Attention pieces (spec 4.4 - 4.6)
+# ---------------------------------------------------------------------------------------------------------
+def compress_entries(kv: torch.Tensor, score: torch.Tensor, kv_prev: torch.Tensor | None = None,
+                     score_prev: torch.Tensor | None = None) -> torch.Tensor:
+    """Softmax-gated pooling of blocks into compressed entries (before norm / RoPE), fp32.
+
+    kv, score: [nb, m, k*c] candidate content and gate logits (``ape`` already added) of each block's tokens.
+    Plain (HCA, k = 1): entry[j] = sum_t softmax_t(score[t, j]) kv[t, j]       -> [nb, c].
+    Overlap (CSA, k = 2, ``kv_prev`` / ``score_prev`` [nb, m, 2c] = the previous block's tokens, score -inf
+    where the block has no predecessor): candidates are the previous block's first halves and the own
+    block's second halves                                                       -> [nb, c].
+    """
+    if kv_prev is None:
+        kv_c, score_c = kv.float(), score.float()
+    else:
+        c = kv.shape[-1] // 2
+        kv_c = torch.cat([kv_prev[..., :c], kv[..., c:]], dim=1).float()
+        score_c = torch.cat([score_prev[..., :c], score[..., c:]], dim=1).float()
+    return (torch.softmax(score_c, dim=1) * kv_c).sum(1)
+
+
+def indexer_scores(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, act_dtype: torch.dtype) -> torch.Tensor:
+    """score[t, i] = sum_h weights[t, h] * relu(q[t, h] . keys[i]).
+
+    q [n, H_I, D_I], weights [n, H_I], keys [N, D_I] -> [n, N] (fp32 values; each step rounded to
+    ``act_dtype`` like the reference's bf16 tensors).
+    """
+    dots = torch.einsum("nhd,kd->nhk", q.float(), keys.float()).to(act_dtype)
+    return (torch.relu(dots) * weights.to(act_dtype)[..., None]).sum(1).float()
+
+
+def indexer_topk(scores: torch.Tensor, n_avail: torch.Tensor, topk: int) -> torch.Tensor:
+    """Top-k compressed entries per query: scores [n, N], n_avail [n] (entries i < n_avail[t] exist)
+    -> indices int64 [n, min(topk, N)], -1 where fewer than k entries are available."""
+    n, N = scores.shape
+    k = min(topk, N)
+    if k == 0:
+        return torch.empty(n, 0, dtype=torch.long, device=scores.device)
+    avail = torch.arange(N, device=scores.device)[None, :] < n_avail[:, None]
+    val, idx = scores.masked_fill(~avail, float("-inf")).topk(k, dim=-1)
+    return torch.where(torch.isneginf(val), -1, idx)
+
+
+def sparse_attention(q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, sink: torch.Tensor, scale: float,
+                     bf16_probs: bool) -> torch.Tensor:
+    """Single-KV-head attention over a per-query key list with an attention sink.
+
+    q [n, H, D]; kv [N, D] (keys = values); idx int64 [n, K] rows of ``kv`` each query attends to, -1 = none;
+    sink [H] fp32 logit of a zero-valued extra key that joins the denominator but not the max.
+    Returns o [n, H, D] in q.dtype: o_h = sum_u e^(l_hu - M_h) v_u / (sum_u e^(l_hu - M_h) + e^(sink_h - M_h)).
+    """
+    n, H, D = q.shape
+    if n == 0:
+        return q.new_zeros(n, H, D)
+    valid = idx >= 0
+    keys = kv[idx.clamp_min(0)].float()  # [n, K, D]
+    logits = torch.einsum("nhd,nkd->nhk", q.float(), keys) * scale
+    logits = logits.masked_fill(~valid[:, None, :], float("-inf"))
+    m = logits.amax(-1, keepdim=True)
+    m = torch.where(torch.isneginf(m), torch.zeros_like(m), m)  # a query with no key: only the sink
+    p = torch.exp(logits - m)
+    denom = p.sum(-1, keepdim=True) + torch.exp(sink.float()[None, :, None] - m)
+    if bf16_probs:
+        p = p.to(torch.bfloat16).float()
+    o = torch.einsum("nhk,nkd->nhd", p, keys) / denom
+    return o.to(q.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# MoE (spec 5)
+# ---------------------------------------------------------------------------------------------------------
+def route(gate_logits: torch.Tensor, bias: torch.Tensor | None, hash_experts: torch.Tensor | None, topk: int,
+          route_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """gate_logits fp32 [n, E] -> (weights fp32 [n, k], experts int64 [n, k]).
+
+    sigma = sqrt(softplus(u)); selection = top-k of sigma + bias (score routing) or ``hash_experts`` [n, k]
+    (hash routing); weights = sigma of the selected experts, renormalized, times ``route_scale``.
+    """
+    sigma = torch.sqrt(F.softplus(gate_logits.float()))
+    if hash_experts is not None:
+        experts = hash_experts.long()
+    else:
+        experts = (sigma + bias).topk(topk, dim=-1).indices
+    w = sigma.gather(-1, experts)
+    return w / w.sum(-1, keepdim=True) * route_scale, experts
+
+
+def swiglu(a: torch.Tensor, c: torch.Tensor, limit: float) -> torch.Tensor:
+    """silu(min(a, limit)) * clamp(c, -limit, limit) in fp32 (the SwiGLU clamp of spec 5.2)."""
+    a = a.float().clamp(max=limit)
+    c = c.float().clamp(-limit, limit)
+    return F.silu(a) * c
