@@ -20,13 +20,13 @@ KV_FP8_ROPE_OFFSET = NOPE_DIM
 KV_FP8_SCALE_OFFSET = NOPE_DIM + 2 * ROPE_DIM
 
 
-def _pow2_ceil_exponent(x: torch.Tensor) -> torch.Tensor:
+def pow2_ceil_exponent(x: torch.Tensor) -> torch.Tensor:
     """`ceil(log2(x))` for positive fp32 `x`, exact (from the bit pattern: exponent, +1 if mantissa != 0)."""
     mantissa, exponent = torch.frexp(x)  # x = mantissa * 2**exponent, mantissa in [0.5, 1)
     return torch.where(mantissa == 0.5, exponent - 1, exponent)
 
 
-def _exp2i(exponent: torch.Tensor) -> torch.Tensor:
+def exp2i(exponent: torch.Tensor) -> torch.Tensor:
     """Exact fp32 `2**exponent` for integer exponents."""
     return torch.ldexp(torch.ones_like(exponent, dtype=torch.float32), exponent)
 
@@ -35,12 +35,12 @@ def fp8_block_scale_exponent(x: torch.Tensor, block: int = FP8_BLOCK) -> torch.T
     """Power-of-two exponent `e` of each block's ue8m0 scale `2**e` (§2.3 steps 1-2); x: [..., n*block]."""
     blocks = x.float().unflatten(-1, (-1, block))
     amax = blocks.abs().amax(-1).clamp_min(1e-4)
-    return _pow2_ceil_exponent(amax * torch.tensor(1.0 / FP8_MAX, dtype=torch.float32))
+    return pow2_ceil_exponent(amax * torch.tensor(1.0 / FP8_MAX, dtype=torch.float32))
 
 
 def fp8_fake_quant(x: torch.Tensor, block: int = FP8_BLOCK) -> torch.Tensor:
     """§2.3: e4m3 round trip with power-of-two block scales; returns bf16 (exactly representable)."""
-    scale = _exp2i(fp8_block_scale_exponent(x, block))[..., None]
+    scale = exp2i(fp8_block_scale_exponent(x, block))[..., None]
     blocks = x.float().unflatten(-1, (-1, block))
     codes = (blocks / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float()
     return (codes * scale).flatten(-2).to(torch.bfloat16)
@@ -59,7 +59,7 @@ def fp4_fake_quant(x: torch.Tensor, block: int = FP4_BLOCK) -> torch.Tensor:
     """§2.4: e2m1 round trip with power-of-two block scales; returns bf16."""
     blocks = x.float().unflatten(-1, (-1, block))
     amax = blocks.abs().amax(-1, keepdim=True).clamp_min(6.0 * 2.0**-126)
-    scale = _exp2i(_pow2_ceil_exponent(amax / 6.0))
+    scale = exp2i(pow2_ceil_exponent(amax / 6.0))
     return (_round_e2m1((blocks / scale).clamp(-6.0, 6.0)) * scale).flatten(-2).to(torch.bfloat16)
 
 
@@ -104,7 +104,7 @@ def pack_kv_fp8(kv: torch.Tensor) -> torch.Tensor:
     if kv.shape[-1] != HEAD_DIM:
         raise ValueError(f"kv: last dim must be {HEAD_DIM}, got {kv.shape[-1]}")
     exponent = fp8_block_scale_exponent(kv[..., :NOPE_DIM])  # [..., 7]
-    scale = _exp2i(exponent)
+    scale = exp2i(exponent)
     nope = kv[..., :NOPE_DIM].float().unflatten(-1, (-1, FP8_BLOCK)) / scale[..., None]
     codes = nope.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).flatten(-2).view(torch.uint8)
     rope = kv[..., NOPE_DIM:].to(torch.bfloat16).contiguous().view(torch.uint8)
@@ -119,7 +119,7 @@ def unpack_kv_fp8(packed: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"packed: expected uint8 [..., {KV_FP8_BYTES}], got {packed.dtype} {tuple(packed.shape)}")
     codes = packed[..., :NOPE_DIM].contiguous().view(torch.float8_e4m3fn).float()
     exponent = packed[..., KV_FP8_SCALE_OFFSET : KV_FP8_SCALE_OFFSET + NOPE_DIM // FP8_BLOCK].int() - 127
-    scale = _exp2i(exponent)
+    scale = exp2i(exponent)
     nope = (codes.unflatten(-1, (-1, FP8_BLOCK)) * scale[..., None]).flatten(-2)
     rope = packed[..., KV_FP8_ROPE_OFFSET:KV_FP8_SCALE_OFFSET].contiguous().view(torch.bfloat16).float()
     return torch.cat([nope, rope], -1).to(torch.bfloat16)
