@@ -324,14 +324,34 @@ def sparse_attention(q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, sink:
     keys = kv[idx.clamp_min(0)].float()  # [n, K, D]
     logits = torch.einsum("nhd,nkd->nhk", q.float(), keys) * scale
     logits = logits.masked_fill(~valid[:, None, :], float("-inf"))
+    if bf16_probs:
+        return _online_softmax_bf16(logits, keys, sink).to(q.dtype)
     m = logits.amax(-1, keepdim=True)
     m = torch.where(torch.isneginf(m), torch.zeros_like(m), m)  # a query with no key: only the sink
     p = torch.exp(logits - m)
     denom = p.sum(-1, keepdim=True) + torch.exp(sink.float()[None, :, None] - m)
-    if bf16_probs:
-        p = p.to(torch.bfloat16).float()
     o = torch.einsum("nhk,nkd->nhd", p, keys) / denom
     return o.to(q.dtype)
+
+
+def _online_softmax_bf16(logits: torch.Tensor, keys: torch.Tensor, sink: torch.Tensor, block: int = 64) -> torch.Tensor:
+    """The official kernel's numerics: online softmax over blocks of ``block`` keys in list order, probabilities
+    rounded to bf16 before the value product, fp32 running max / denominator. logits [n, H, K] -> [n, H, D]."""
+    n, H, K = logits.shape
+    m = torch.full((n, H, 1), float("-inf"))
+    denom = torch.zeros(n, H, 1)
+    acc = torch.zeros(n, H, keys.shape[-1])
+    for b in range(0, K, block):
+        lb = logits[..., b:b + block]
+        m_new = torch.maximum(m, lb.amax(-1, keepdim=True))
+        safe = torch.where(torch.isneginf(m_new), torch.zeros_like(m_new), m_new)
+        alpha = torch.exp(m - safe)
+        p = torch.exp(lb - safe)
+        denom = denom * alpha + p.sum(-1, keepdim=True)
+        acc = acc * alpha + torch.einsum("nhk,nkd->nhd", p.to(torch.bfloat16).float(), keys[:, b:b + block])
+        m = m_new
+    safe = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
+    return acc / (denom + torch.exp(sink.float()[None, :, None] - safe))
 
 
 # ---------------------------------------------------------------------------------------------------------
