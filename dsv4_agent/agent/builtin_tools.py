@@ -121,8 +121,12 @@ def workspace_tools(
 
 
 def _check_shell_paths(command: str, root: Path) -> None:
+    # Split like the shell: words, quotes, and operators (; | & < > parentheses) as separate tokens. Comments
+    # are scanned too (shlex would cut at a '#' inside a word, where bash does not).
+    lexer = shlex.shlex(command, posix=True, punctuation_chars=True)
+    lexer.whitespace_split, lexer.commenters = True, ""
     try:
-        words = shlex.split(command, comments=True)
+        words = list(lexer)
     except ValueError as e:
         raise ValueError(f"cannot parse the command ({e})") from e
     for word in words:

@@ -445,6 +445,10 @@ class RunStream:
             self.result = item.result
         return item
 
+    def snapshot(self) -> RunResult:
+        """The run so far as a consistent, continuable RunResult (e.g. after `cancel()`)."""
+        return self.result or self._state.result()
+
     def cancel(self) -> None:
         if self._task is None:  # never started: nothing to stop, the iteration just reports the cancel
             if not self._cancelled_early:
@@ -498,6 +502,9 @@ class SyncRunStream:
     @property
     def result(self) -> RunResult | None:
         return self._stream.result
+
+    def snapshot(self) -> RunResult:
+        return self._stream.snapshot()
 
     def cancel(self) -> None:
         """Stop the run and wait for its tool calls and HTTP stream to close (safe after Ctrl-C)."""

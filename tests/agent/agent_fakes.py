@@ -171,3 +171,56 @@ def sse_chunks(reply: Reply, model: str) -> list[dict[str, Any]]:
         }
     )
     return out
+
+
+class ThreadedScriptedServer:
+    """The same script over real HTTP (stdlib server in a thread), for code that builds its own client
+    (the CLI). Use as a context manager; `base_url` points at it."""
+
+    def __init__(self, *script: Reply | Status, model: str = "deepseek-v4-test"):
+        import http.server
+        import threading
+
+        self.script = list(script)
+        self.requests: list[dict[str, Any]] = []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def _send(self, code: int, body: bytes, ctype: str) -> None:
+                self.send_response(code)
+                self.send_header("content-type", ctype)
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self) -> None:
+                data = [{"id": model, "object": "model", "created": 0, "owned_by": "test"}]
+                self._send(200, json.dumps({"object": "list", "data": data}).encode(), "application/json")
+
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+                outer.requests.append(body)
+                step = outer.script.pop(0) if outer.script else Status(500, '{"error": "unscripted"}')
+                if isinstance(step, Status):
+                    self._send(step.code, step.body.encode(), "application/json")
+                    return
+                sse = "".join(f"data: {json.dumps(c)}\n\n" for c in sse_chunks(step, body["model"]))
+                self._send(200, (sse + "data: [DONE]\n\n").encode(), "text/event-stream")
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    def __enter__(self) -> ThreadedScriptedServer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
