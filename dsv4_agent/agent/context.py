@@ -82,9 +82,11 @@ class ContextPolicy:
                 break
             if m.get("role") == "tool" and not str(m.get("content", "")).startswith(ELISION_PREFIX):
                 note = f"{ELISION_PREFIX} an older result of {len(str(m.get('content', '')))} characters]"
-                trimmed[i] = {**m, "content": note}
-                total -= round((tokens[i] - self._message_tokens(trimmed[i])) * scale)
-                elided.append(i)
+                saved = tokens[i] - self._message_tokens({**m, "content": note})
+                if saved > 0:  # short results stay: the note would not be shorter
+                    trimmed[i] = {**m, "content": note}
+                    total -= round(saved * scale)
+                    elided.append(i)
         # Then drop whole earlier tasks, oldest first; a task runs from a user message to the next one.
         cut = 0
         while total > target and cut < protected:
