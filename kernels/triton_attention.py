@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from .numerics import FP8_BLOCK, KV_FP8_ROPE_OFFSET, KV_FP8_SCALE_OFFSET, NOPE_DIM
-from .triton_utils import INTERPRET, dot
+from .triton_utils import INTERPRET, dot, round_bf16
 
 LOG2E = 1.4426950408889634
 
@@ -116,7 +116,7 @@ def _sparse_attn_kernel(
         # no keys at all: m = -inf, l = 0, acc = 0 -> exp2(+inf) in the denominator gives 0 output
         o = acc / (l_i + tl.exp2(sink - m_i))[:, None]
         tl.store(out_ptr + t.to(tl.int64) * stride_ot + offs_h[:, None] * stride_oh + offs_d[None, :],
-                 o.to(out_ptr.dtype.element_ty), mask=mask_h[:, None])
+                 round_bf16(o).to(out_ptr.dtype.element_ty), mask=mask_h[:, None])
     else:
         base = (t.to(tl.int64) * NUM_SPLITS + split) * H + offs_h  # [BLOCK_H] rows of the partials
         tl.store(part_acc_ptr + base[:, None] * D + offs_d[None, :], acc, mask=mask_h[:, None])
@@ -140,7 +140,7 @@ def _combine_splits_kernel(part_acc_ptr, part_ml_ptr, sink_ptr, out_ptr, stride_
     acc = tl.sum(tl.load(part_acc_ptr + rows[:, None] * D + offs_d[None, :]) * w[:, None], 0)
     sink = tl.load(sink_ptr + h) * 1.4426950408889634
     o = acc / (tl.sum(l_s * w, 0) + tl.exp2(sink - m))
-    tl.store(out_ptr + t.to(tl.int64) * stride_ot + h * stride_oh + offs_d, o.to(out_ptr.dtype.element_ty))
+    tl.store(out_ptr + t.to(tl.int64) * stride_ot + h * stride_oh + offs_d, round_bf16(o).to(out_ptr.dtype.element_ty))
 
 
 def _num_sm(device: torch.device) -> int:

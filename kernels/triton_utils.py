@@ -19,3 +19,12 @@ def dot(a, b, INTERPRET: tl.constexpr):
         return tl.dot(a.to(tl.float32), b.to(tl.float32))
     else:
         return tl.dot(a, b)
+
+
+@triton.jit
+def round_bf16(x):
+    """fp32 -> nearest bf16 value (ties to even), kept in fp32. Used instead of `.to(tl.bfloat16)` for
+    intermediate roundings because the CPU interpreter's conversion does not round to nearest."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
