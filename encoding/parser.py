@@ -265,6 +265,9 @@ class StreamParser:
         self._state = _TEXT
         self._reasoning = thinking_mode == "thinking"  # text phase: reasoning or content
         self._skip_ws = False  # drop whitespace right after a tool block
+        # A marker was just removed from the text: the next text starts a new delta, so the two sides of
+        # a removed marker can never join into a marker inside one delta (e.g. `｜DS<think>ML｜`).
+        self._dropped = False
         self._events: list[Event] = []
         self._finished = False
         # tool block
@@ -316,9 +319,10 @@ class StreamParser:
         if not s:
             return
         kind = ReasoningDelta if self._reasoning else ContentDelta
-        if self._events and type(self._events[-1]) is kind:
+        if self._events and type(self._events[-1]) is kind and not self._dropped:
             s = self._events.pop().text + s
         self._events.append(kind(s))
+        self._dropped = False
 
     def _args(self, s: str) -> None:
         call = self._call
@@ -467,6 +471,7 @@ class StreamParser:
                     self._state = _END
                 elif value == THINK_CLOSE and self._reasoning:
                     self._reasoning = False
+                self._dropped = True
                 return True  # BOS, <think> and a stray </think> are dropped
             if kind == "block":
                 self._pos = value
@@ -476,8 +481,10 @@ class StreamParser:
                 self._open_block(bare=True)
             elif kind in ("open", "close"):
                 self._pos = value[1]  # stray DSML tag: dropped
+                self._dropped = True
             elif kind == "open_parameter":
                 self._pos = value
+                self._dropped = True
             elif kind == "partial":
                 self._pos = n  # a cut marker at the very end is not text
                 if n - t < 2:
@@ -498,6 +505,7 @@ class StreamParser:
             self._pos = n
         else:
             self._pos = end  # stray `｜DSML｜`: dropped
+            self._dropped = True
         return True
 
     def _skip_space(self) -> bool:
@@ -509,7 +517,7 @@ class StreamParser:
         return pos < n
 
     def _close_block(self) -> None:
-        self._state, self._skip_ws = _TEXT, True
+        self._state, self._skip_ws, self._dropped = _TEXT, True, True
 
     def _step_block(self, final: bool) -> bool:
         if not self._skip_space():
@@ -562,6 +570,7 @@ class StreamParser:
         if self._state == _INVOKE_HEADER:
             if not attrs.get("name") and self._bare and not self._block_calls:
                 self._state = _TEXT  # `<D invoke` in text without a name: a stray tag, not a call
+                self._dropped = True
                 return True
             self._start_call(attrs.get("name"))
         else:

@@ -1,0 +1,109 @@
+"""Hypothesis strategies shared by the encoding property tests: messages, completions, pitfall mutations."""
+
+from __future__ import annotations
+
+import json
+
+from dsv4_agent.encoding import render_assistant
+from dsv4_agent.encoding.tokens import BOS, DSML, EOS, THINK_CLOSE, THINK_OPEN
+from hypothesis import strategies as st
+
+# Plain text that holds no marker: letters, spaces, LF, quotes, '<' '>' '|', multi-byte characters.
+SAFE_CHARS = st.sampled_from(list("ab z\n\t<>/|\"'=\\{}[],:") + ["é", "中", "😀", "\u200d", "ｘ", "｜"])
+safe_text = st.lists(SAFE_CHARS, max_size=12).map("".join).filter(
+    lambda s: DSML not in s and "|DSML|" not in s and not s.startswith("\n"))
+names = st.text(alphabet="abcdefgh_xyz中", min_size=1, max_size=6)
+
+json_scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6),
+                         st.floats(allow_nan=False, allow_infinity=False, width=32), safe_text)
+json_values = st.recursive(json_scalars, lambda inner: st.one_of(
+    st.lists(inner, max_size=3), st.dictionaries(names, inner, max_size=3)), max_leaves=6)
+arguments = st.dictionaries(names, json_values, max_size=4)
+
+
+@st.composite
+def assistant_messages(draw, thinking: bool) -> dict:
+    """An assistant message as the parser returns it (arguments in the parser's canonical layout)."""
+    calls = []
+    for _ in range(draw(st.integers(0, 3))):
+        args = draw(arguments)
+        calls.append({"type": "function", "function": {"name": draw(names), "arguments": json.dumps(args, ensure_ascii=False)}})
+    content = draw(safe_text)
+    # content is followed by the block's "\n\n": a trailing LF there is ambiguous, so keep it out
+    if calls:
+        content = content.rstrip("\n")
+    return {"role": "assistant", "content": content, "reasoning_content": draw(safe_text) if thinking else "",
+            "tool_calls": calls}
+
+
+# Fragments for adversarial free text: whole markers, pieces of markers, multi-byte characters.
+FRAGMENTS = [
+    "a", "b", " ", "\n", "\n\n", "<", ">", "/", "|", "｜", "DSML", "think", "é", "中", "😀", '"', "=",
+    EOS, BOS, THINK_OPEN, THINK_CLOSE, f"<{DSML}", f"</{DSML}", "<|DSML|", "</|DSML|", DSML, "|DSML|",
+    "tool_calls>", "toolcalls>", "invoke", " name=\"f\">", "parameter", ' name="k" string="true">',
+    ' string="false">', "parameter>", "invoke>", "[1,2]", "hello", "<｜end▁of", "<｜User｜>",
+]
+free_text = st.lists(st.sampled_from(FRAGMENTS), max_size=40).map("".join)
+
+ASCII_DSML = "|DSML|"
+
+
+def _mutate(text: str, kind: str, draw) -> str:
+    """Apply one pitfall class (spec section 14) to a rendered completion."""
+    if kind == "no_eos":
+        return text.replace(EOS, "")
+    if kind == "ascii_pipes":
+        return text.replace(DSML, ASCII_DSML)
+    if kind == "bare_invoke":
+        return text.replace(f"<{DSML}tool_calls>\n", "").replace(f"\n</{DSML}tool_calls>", "")
+    if kind == "one_lf":
+        return text.replace(f"\n\n<{DSML}tool_calls>", f"\n<{DSML}tool_calls>")
+    if kind == "no_lf":
+        return text.replace(f"\n\n<{DSML}tool_calls>", f"<{DSML}tool_calls>")
+    if kind == "indent":
+        return text.replace(f"\n<{DSML}", f"\n  <{DSML}").replace(f"\n</{DSML}", f"\n  </{DSML}")
+    if kind == "block_in_reasoning" and THINK_CLOSE in text:
+        reasoning, rest = text.split(THINK_CLOSE, 1)
+        start = rest.find(f"\n\n<{DSML}tool_calls>")
+        if start != -1:
+            end = rest.index(f"</{DSML}tool_calls>") + len(f"</{DSML}tool_calls>")
+            return reasoning + rest[start:end] + THINK_CLOSE + rest[:start] + rest[end:]
+        return text
+    if kind == "invalid_typed":
+        return text.replace('string="false">', 'string="false">hello ', 1)
+    if kind == "duplicate_param":
+        at = text.find(f"<{DSML}parameter")
+        if at != -1:
+            end = text.index("\n", at)
+            return text[:end + 1] + text[at:end + 1] + text[end + 1:]
+        return text
+    if kind == "truncate":
+        return text[:draw(st.integers(0, len(text)))]
+    if kind == "after_eos":
+        return text + "junk<｜User｜>"
+    if kind == "misspelled":
+        return text.replace(f"<{DSML}tool_calls>", f"<{DSML}toolcalls>")
+    return text
+
+
+MUTATIONS = ["none", "no_eos", "ascii_pipes", "bare_invoke", "one_lf", "no_lf", "indent", "block_in_reasoning",
+             "invalid_typed", "duplicate_param", "truncate", "after_eos", "misspelled"]
+
+
+@st.composite
+def completions(draw) -> tuple[str, str]:
+    """(completion text, thinking_mode): rendered messages under pitfall mutations, or adversarial text."""
+    mode = draw(st.sampled_from(["chat", "thinking"]))
+    if draw(st.integers(0, 4)) == 0:
+        return draw(free_text), mode
+    text = render_assistant(draw(assistant_messages(mode == "thinking")), mode)
+    for kind in draw(st.lists(st.sampled_from(MUTATIONS), max_size=2)):
+        text = _mutate(text, kind, draw)
+    return text, mode
+
+
+def split(data, points: list[int]) -> list:
+    """`data` cut at the given points (clipped and sorted)."""
+    cuts = sorted({min(max(p, 0), len(data)) for p in points})
+    bounds = [0, *cuts, len(data)]
+    return [data[a:b] for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
