@@ -5,7 +5,8 @@
 * `write_file`: same confinement; opt-in.
 * `shell`: `bash -c` with the working directory as cwd and $HOME, a timeout that kills the whole process
   group, output truncated. Opt-in. A guard rejects commands naming absolute paths outside the working
-  directory, `..` that climbs out of it, or `~`, unless `unrestricted_shell=True`. The guard is a
+  directory (other than a program in command position), `..` that climbs out of it, or `~`, unless
+  `unrestricted_shell=True`. The guard is a
   safety net against mistakes, NOT a sandbox: a program can still reach anything the user can. Run untrusted
   tasks in a container.
 """
@@ -24,6 +25,7 @@ __all__ = ["BUILTIN_TOOLS", "DEFAULT_TOOLS", "workspace_tools"]
 
 BUILTIN_TOOLS = ("read_file", "list_dir", "write_file", "shell")
 DEFAULT_TOOLS = ("read_file", "list_dir")
+_COMMAND_SEPARATORS = (";", "|", "||", "&", "&&", "(", ")", "\n")
 _HARMLESS_ABSOLUTE = ("/dev/null", "/dev/stdin", "/dev/stdout", "/dev/stderr")
 
 
@@ -129,7 +131,14 @@ def _check_shell_paths(command: str, root: Path) -> None:
         words = list(lexer)
     except ValueError as e:
         raise ValueError(f"cannot parse the command ({e})") from e
+    command_position = True
     for word in words:
+        # A program named by absolute path is allowed where a command starts (e.g. a venv's python); its
+        # arguments are checked like any other word.
+        if command_position and os.path.isabs(word) and os.access(word, os.X_OK) and Path(word).is_file():
+            command_position = False
+            continue
+        command_position = word in _COMMAND_SEPARATORS
         # Look at every path-like piece, also inside `--opt=/path` and `a:/b` forms.
         for piece in word.replace("=", " ").replace(":", " ").split():
             if piece.startswith("~"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 
 import pytest
@@ -62,6 +63,10 @@ async def test_shell_runs_in_the_workdir_with_a_guard_and_a_timeout(tmp_path):
         with pytest.raises(PermissionError):
             await call(shell, command=bad)
     assert (await call(shell, command="ls sub/.. > /dev/null; echo ok")).endswith("ok\n")
+    py = sys.executable  # a program by absolute path is fine where a command starts, not as an argument
+    assert (await call(shell, command=f"echo a && {py} -c 'print(6*7)'")).endswith("42\n")
+    with pytest.raises(PermissionError):
+        await call(shell, command=f"cat {py}")
 
     t0 = time.perf_counter()
     out = await call(shell, command="sleep 30 & sleep 30; echo never")
