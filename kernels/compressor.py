@@ -26,13 +26,21 @@ from __future__ import annotations
 import torch
 
 from .dispatch import use_triton
-from .numerics import KV_FP8_BYTES, ROPE_DIM, apply_rope, fp4_fake_quant, fp8_fake_quant, hadamard_rotate, pack_kv_fp8
-from .numerics import rms_norm as _rms_norm
+from .numerics import (
+    KV_FP8_BYTES,
+    ROPE_DIM,
+    apply_rope,
+    fp4_fake_quant,
+    fp8_fake_quant,
+    hadamard_rotate,
+    pack_kv_fp8,
+    rms_norm,
+)
 
 
 def _postprocess_ref(c: torch.Tensor, positions: torch.Tensor, norm_weight, inv_freq, indexer: bool, eps: float):
     """bf16 -> RMSNorm -> RoPE at `positions` -> FP8 (main) or Hadamard + FP4 (indexer). c: [n, c] fp32."""
-    y = apply_rope(_rms_norm(c.to(torch.bfloat16), norm_weight, eps), positions, inv_freq)
+    y = apply_rope(rms_norm(c.to(torch.bfloat16), norm_weight, eps), positions, inv_freq)
     if indexer:
         return fp4_fake_quant(hadamard_rotate(y))
     return torch.cat([fp8_fake_quant(y[:, :-ROPE_DIM]), y[:, -ROPE_DIM:]], 1)

@@ -159,7 +159,6 @@ def _topk_finish_kernel(scores_ptr, stride_s, n_avail_ptr, n_cols, k, hist_ptr, 
     prefix = thr.to(tl.uint32)  # known top bits of the k-th largest key
     pos = above
     offs = tl.arange(0, BLOCK)
-    sub_bins = tl.arange(0, 1 << SUB_BITS)
     out_row = out_ptr + row64 * stride_o
     for r in tl.static_range(3):
         shift: tl.constexpr = 32 - TOP_BITS - (r + 1) * SUB_BITS
