@@ -167,10 +167,17 @@ def rope_frequencies(rope_dim: int, base: float, yarn: tuple[int, float, float, 
     return freqs
 
 
+def rope_cis(positions: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """exp(j * phi(t, i)) with phi = fp32(t) * theta'_i rounded to fp32: complex64 [n, r/2]."""
+    angles = torch.outer(positions.to(torch.float32), freqs)
+    return torch.polar(torch.ones_like(angles), angles)
+
+
 def apply_rope(x: torch.Tensor, positions: torch.Tensor, freqs: torch.Tensor, inverse: bool = False) -> torch.Tensor:
     """Rotate interleaved pairs of the last dim: x [n, ..., r] at positions [n] -> same shape and dtype."""
-    angles = torch.outer(positions.to(torch.float32), freqs)  # [n, r/2]
-    cis = torch.polar(torch.ones_like(angles), -angles if inverse else angles)
+    cis = rope_cis(positions, freqs)
+    if inverse:
+        cis = cis.conj()
     cis = cis.view(cis.shape[0], *([1] * (x.dim() - 2)), cis.shape[1])
     xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2).contiguous())
     return torch.view_as_real(xc * cis).reshape(x.shape).to(x.dtype)

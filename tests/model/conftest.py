@@ -1,0 +1,80 @@
+"""Fixtures for the model tests: golden cases, their loaded models, few threads (CI has 2 cores)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from dsv4_agent.model import load_model
+
+torch.set_num_threads(2)
+
+CASES = ("t2-window", "t1-mixed", "t3-smooth")
+
+
+class Golden:
+    """One conformance case: its directory, golden tensors and metadata."""
+
+    def __init__(self, case_dir: Path):
+        self.dir = case_dir
+        with safe_open(case_dir / "golden.safetensors", "pt") as f:
+            self.meta = f.metadata()
+            self.tensors = {k: f.get_tensor(k) for k in f.keys()}
+        self.tolerances = json.loads(self.meta["tolerances"])
+        self.T, self.P = int(self.meta["T"]), int(self.meta["P"])
+        self.ids = self.tensors["input_ids"]
+
+    @property
+    def model(self):
+        return load_model(self.dir, cache=True)
+
+
+@pytest.fixture(scope="session")
+def model_dir(shared_dir: Path) -> Path:
+    return shared_dir / "conformance" / "model"
+
+
+_GOLDEN: dict[str, Golden] = {}
+
+
+@pytest.fixture(scope="session", params=CASES)
+def golden(request, model_dir: Path) -> Golden:
+    return get_golden(model_dir, request.param)
+
+
+def get_golden(model_dir: Path, case: str) -> Golden:
+    if case not in _GOLDEN:
+        _GOLDEN[case] = Golden(model_dir / case)
+    return _GOLDEN[case]
+
+
+def max_rel(a: torch.Tensor, g: torch.Tensor) -> float:
+    """max over rows of max|a - g| / max|g| (the README's row-wise metric)."""
+    a, g = a.float().flatten(1), g.float().flatten(1)
+    return ((a - g).abs().amax(-1) / g.abs().amax(-1)).max().item()
+
+
+def fro_rel(a: torch.Tensor, g: torch.Tensor) -> float:
+    return ((a.float() - g.float()).norm() / g.float().norm()).item()
+
+
+def argmax_agree(a: torch.Tensor, g: torch.Tensor) -> float:
+    return (a.argmax(-1) == g.argmax(-1)).float().mean().item()
+
+
+def check_tolerance(a: torch.Tensor, g: torch.Tensor, tol: dict) -> dict[str, float]:
+    """Assert every metric named in a golden ``tolerances`` entry; returns the measured values."""
+    measured = {}
+    for metric, fn in (("max_rel", max_rel), ("fro_rel", fro_rel)):
+        if metric in tol:
+            measured[metric] = fn(a, g)
+            assert measured[metric] <= tol[metric], f"{metric} {measured[metric]:.3g} > {tol[metric]}"
+    if "argmax_agree" in tol:
+        measured["argmax_agree"] = argmax_agree(a, g)
+        assert measured["argmax_agree"] >= tol["argmax_agree"], f"argmax_agree {measured['argmax_agree']:.3f}"
+    assert measured, f"no metric in tolerance entry {tol}"
+    return measured
