@@ -1,0 +1,106 @@
+"""Our tool-call and reasoning parsers as SGLang detectors (registered by `plugin.register`).
+
+SGLang runs the reasoning detector first and feeds its normal text to the tool-call detector. Both the
+streaming and the one-shot path of the tool detector drive the same `dsv4_agent.encoding.StreamParser`
+(chat mode: reasoning is already split off), so streamed deltas always assemble to the non-streamed result,
+and the parser's guarantee -- no DSML byte or partial marker ever reaches a text delta -- carries over to
+`content`.
+
+Calls to tools the request does not declare are passed on (the client decides; SGLang's own detectors
+drop them silently). With no tools at all (no tools declared, or `tool_choice="none"`, for which the chat
+handler removes them), tool blocks are swallowed: the markup never reaches `content` and no call is made.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sglang.srt.function_call.base_format_detector import BaseFormatDetector
+from sglang.srt.function_call.core_types import StreamingParseResult, StructureInfo, ToolCallItem
+from sglang.srt.parser.reasoning_parser import BaseReasoningFormatDetector
+
+from dsv4_agent.encoding import ContentDelta, Event, StreamParser, ToolCallDelta, ToolCallEnd, ToolCallStart
+from dsv4_agent.encoding.tokens import DSML, EOS, INVOKE_CLOSE, THINK_CLOSE, THINK_OPEN, TOOL_CALLS_OPEN
+
+
+class DSV4ToolDetector(BaseFormatDetector):
+    """Streaming DSML tool-call detector over `dsv4_agent.encoding.StreamParser`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bot_token = TOOL_CALLS_OPEN
+        self.eot_token = f"</{DSML}tool_calls>"
+        self._parser = StreamParser("chat")
+
+    @classmethod
+    def parses_without_tools(cls) -> bool:
+        # Keep the parser on with no tools declared, so stray markup is swallowed instead of shown.
+        return True
+
+    def has_tool_call(self, text: str) -> bool:
+        return "DSML" in text  # fullwidth or ASCII pipes, wrapper or bare invoke: the parser decides
+
+    @staticmethod
+    def _convert(events: list[Event], tools: list[Any]) -> StreamingParseResult:
+        text, calls = [], []
+        for ev in events:
+            if isinstance(ev, ContentDelta):
+                text.append(ev.text)
+            elif not tools:
+                continue  # no tools: swallow the calls too
+            elif isinstance(ev, ToolCallStart):
+                calls.append(ToolCallItem(tool_index=ev.index, name=ev.name, parameters=""))
+            elif isinstance(ev, ToolCallDelta):
+                calls.append(ToolCallItem(tool_index=ev.index, parameters=ev.arguments))
+        return StreamingParseResult(normal_text="".join(text), calls=calls)
+
+    def parse_streaming_increment(self, new_text: str, tools: list[Any]) -> StreamingParseResult:
+        return self._convert(self._parser.feed(new_text), tools)
+
+    def finish(self, tools: list[Any]) -> StreamingParseResult:
+        return self._convert(self._parser.finish(), tools)
+
+    def detect_and_parse(self, text: str, tools: list[Any]) -> StreamingParseResult:
+        parser = StreamParser("chat")
+        events = parser.feed(text) + parser.finish()
+        result = self._convert(events, tools)
+        # One-shot results carry whole calls: merge each call's name and argument deltas.
+        merged: dict[int, ToolCallItem] = {}
+        for item in result.calls:
+            if item.tool_index not in merged:
+                merged[item.tool_index] = item.model_copy()
+            else:
+                merged[item.tool_index].parameters += item.parameters
+        ended = {ev.index for ev in events if isinstance(ev, ToolCallEnd)}
+        return StreamingParseResult(normal_text=result.normal_text,
+                                    calls=[c for i, c in sorted(merged.items()) if i in ended])
+
+    def structure_info(self) -> Any:
+        def info(name: str) -> StructureInfo:
+            return StructureInfo(begin=f'\n\n{TOOL_CALLS_OPEN}\n<{DSML}invoke name="{name}">\n',
+                                 end=f"{INVOKE_CLOSE}\n</{DSML}tool_calls>", trigger=TOOL_CALLS_OPEN)
+
+        return info
+
+    def get_structural_tag_name(self) -> str:
+        # xgrammar's builtin DeepSeek-V4 tag: `\n\n<｜DSML｜tool_calls>\n` + invokes whose parameters are
+        # `<｜DSML｜parameter name=".." string="true|false">value</｜DSML｜parameter>` lines checked
+        # against the tool's JSON schema, for required / named choice and parallel_tool_calls.
+        return "deepseek_v4"
+
+
+class DSV4ReasoningDetector(BaseReasoningFormatDetector):
+    """`<think>`..`</think>` reasoning; the prompt already ends with `<think>` in thinking mode, so the
+    completion starts inside reasoning exactly when the chat handler decided on thinking (same decision for
+    the prompt and the parser, spec pitfall 6). A tool block that opens at a line start inside reasoning
+    ends it (a model that forgot `</think>`): the block goes to the tool parser instead of reasoning."""
+
+    def __init__(self, stream_reasoning: bool = True, force_reasoning: bool = False,
+                 continue_final_message: bool = False, previous_content: str = "",
+                 force_nonempty_content: bool = False) -> None:
+        super().__init__(THINK_OPEN, THINK_CLOSE, think_excluded_tokens=[EOS, DSML],
+                         force_reasoning=force_reasoning, stream_reasoning=stream_reasoning,
+                         tool_start_token=TOOL_CALLS_OPEN, tool_start_at_line_start=True,
+                         continue_final_message=continue_final_message, previous_content=previous_content,
+                         thinks_internally=True, reasoning_default="thinking",
+                         force_nonempty_content=force_nonempty_content)
