@@ -1,0 +1,217 @@
+"""Sparse attention kernel vs the fp32 reference: decode (ring window + paged selected entries) and
+extend (packed causal window + per-query entries), bf16 and FP8 KV."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from kernel_helpers import poisoned_outputs, rel_err, requires_gpu
+
+from dsv4_agent.kernels import (
+    decode_window_ranges,
+    extend_window_ranges,
+    fp8_fake_quant,
+    pack_kv_fp8,
+    sparse_attn_decode,
+    sparse_attn_extend,
+    sparse_attn_ref,
+)
+from dsv4_agent.kernels.triton_attention import sparse_attn_triton
+
+TOL = 5e-3  # bf16 probabilities in the value product (as the official kernel) vs fp32 softmax
+
+
+def _model_kv(*shape, device):
+    """Random KV vectors as the model makes them: no-rope dims FP8-representable, rope dims bf16."""
+    kv = torch.randn(*shape, 512, device=device).bfloat16()
+    return torch.cat([fp8_fake_quant(kv[..., :448]), kv[..., 448:]], -1)
+
+
+def _paged_pool(n_entries: list[int], page_size: int, device):
+    """Pool [pages, page_size, 512] + a shuffled page table covering each sequence's entries."""
+    pages_per_seq = [max(1, -(-n // page_size)) for n in n_entries]
+    total = sum(pages_per_seq) + 1  # one spare page nobody owns
+    perm = torch.randperm(total, device=device)
+    width = max(pages_per_seq)
+    table = torch.zeros(len(n_entries), width, dtype=torch.int32, device=device)
+    used = 0
+    for b, n in enumerate(pages_per_seq):
+        table[b, :n] = perm[used : used + n].int()
+        used += n
+    return _model_kv(total, page_size, device=device), table
+
+
+def _selection(n_entries: list[int], k: int, device, shuffle_pad: bool = False):
+    """[B, k] distinct logical entries per sequence (all of them when fewer than k), -1 padded."""
+    idx = torch.full((len(n_entries), k), -1, dtype=torch.int32, device=device)
+    for b, n in enumerate(n_entries):
+        chosen = torch.randperm(n, device=device)[:k].int()
+        idx[b, : chosen.numel()] = chosen
+        if shuffle_pad:
+            idx[b] = idx[b, torch.randperm(k, device=device)]
+    return idx
+
+
+def _decode_case(positions, heads, k, page_size, device, shuffle_pad=False):
+    b = len(positions)
+    n_entries = [(p + 1) // 4 for p in positions]
+    pool, table = _paged_pool(n_entries, page_size, device)
+    ring = _model_kv(b + 2, 128, device=device)
+    slots = torch.randperm(b + 2, device=device)[:b].int()
+    return dict(
+        q=torch.randn(b, heads, 512, device=device).bfloat16(),
+        sink=torch.randn(heads, device=device),
+        win_ring=ring, win_slot=slots, positions=torch.tensor(positions, dtype=torch.int32, device=device),
+        cmp_kv=pool, page_table=table, cmp_idx=_selection(n_entries, k, device, shuffle_pad),
+    )
+
+
+def _decode_ref(case):
+    start, end = decode_window_ranges(case["win_slot"], case["positions"])
+    q_seq = torch.arange(case["q"].shape[0], dtype=torch.int32, device=case["q"].device)
+    return sparse_attn_ref(case["q"], case["sink"], case["win_ring"].flatten(0, 1), start, end, case["cmp_kv"],
+                           case["page_table"], case["cmp_idx"], q_seq)
+
+
+def _as_fp8(case):
+    return {**case, "win_ring": pack_kv_fp8(case["win_ring"]), "cmp_kv": pack_kv_fp8(case["cmp_kv"])}
+
+
+DECODE_CASES = {
+    "batch1_first_token": ([0], 16),
+    "mixed_lengths": ([3, 130, 57, 1000], 16),
+    "fewer_entries_than_k": ([9, 21], 16),
+    "long": ([2047], 64),
+}
+
+
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+@pytest.mark.parametrize("name", list(DECODE_CASES))
+def test_decode_matches_reference(name, fp8, device, force_triton):
+    positions, k = DECODE_CASES[name]
+    case = _decode_case(positions, heads=16, k=k, page_size=16, device=device, shuffle_pad=(name == "mixed_lengths"))
+    ref = _decode_ref(case)
+    if fp8:
+        case = _as_fp8(case)
+    with poisoned_outputs():
+        out = sparse_attn_decode(**case)
+    assert out.shape == ref.shape and out.dtype == torch.bfloat16
+    assert rel_err(out, ref) < TOL
+
+
+@pytest.mark.parametrize("num_splits", [1, 2, 8])
+def test_decode_split_counts_agree(num_splits, device):
+    case = _decode_case([5, 300, 77], heads=20, k=32, page_size=8, device=device)  # heads not a block multiple
+    ref = _decode_ref(case)
+    start, end = decode_window_ranges(case["win_slot"], case["positions"])
+    q_seq = torch.arange(3, dtype=torch.int32, device=device)
+    with poisoned_outputs():
+        out = sparse_attn_triton(case["q"], case["sink"], case["win_ring"].flatten(0, 1), start, end, case["cmp_kv"],
+                                 case["page_table"], case["cmp_idx"], q_seq, num_splits=num_splits)
+    assert rel_err(out, ref) < TOL
+
+
+def test_window_only_layer_and_empty_batch(device, force_triton):
+    case = _decode_case([0, 200], heads=8, k=4, page_size=4, device=device)
+    case.update(cmp_kv=None, page_table=None, cmp_idx=torch.zeros(2, 0, dtype=torch.int32, device=device))
+    with poisoned_outputs():
+        out = sparse_attn_decode(**case)
+    assert rel_err(out, _decode_ref(case)) < TOL
+    empty = {**case, "q": case["q"][:0], "win_slot": case["win_slot"][:0], "positions": case["positions"][:0],
+             "cmp_idx": case["cmp_idx"][:0]}
+    assert sparse_attn_decode(**empty).shape == (0, 8, 512)
+
+
+def test_sink_only_softmax_mass(device, force_triton):
+    """One key with logit 0 and sink 0: output is exactly half the value vector."""
+    ring = torch.zeros(1, 128, 512, device=device, dtype=torch.bfloat16)
+    ring[0, 0] = torch.randn(512, device=device).bfloat16()
+    q = torch.zeros(1, 16, 512, device=device, dtype=torch.bfloat16)
+    out = sparse_attn_decode(q, torch.zeros(16, device=device), ring, torch.zeros(1, dtype=torch.int32, device=device),
+                             torch.zeros(1, dtype=torch.int32, device=device), None, None,
+                             torch.zeros(1, 0, dtype=torch.int32, device=device))
+    torch.testing.assert_close(out[0], (ring[0, 0].float() / 2).bfloat16().expand(16, -1), rtol=0, atol=0)
+
+
+def _extend_case(q_lens, prefix_lens, heads, k, page_size, device):
+    """Per sequence: `prefix` earlier window rows then the query tokens' rows; positions continue
+    from a start position; entries available per query = (p + 1) // 4."""
+    starts = [max(pl, 200 * i) for i, pl in enumerate(prefix_lens)]  # a sequence may start mid-stream
+    kv_lens = [pl + ql for pl, ql in zip(prefix_lens, q_lens)]
+    n_entries = [(s + ql) // 4 for s, ql in zip(starts, q_lens)]
+    pool, table = _paged_pool(n_entries, page_size, device)
+    idx_rows = []
+    for b, (s, ql) in enumerate(zip(starts, q_lens)):
+        for j in range(ql):
+            idx_rows.append(_selection([(s + j + 1) // 4], k, device)[0])
+    t = sum(q_lens)
+    return dict(
+        q=torch.randn(t, heads, 512, device=device).bfloat16(),
+        sink=torch.randn(heads, device=device),
+        kv=_model_kv(sum(kv_lens), device=device),
+        cu_seqlens_q=torch.tensor([0, *q_lens], device=device).cumsum(0).int(),
+        cu_seqlens_kv=torch.tensor([0, *kv_lens], device=device).cumsum(0).int(),
+        cmp_kv=pool, page_table=table,
+        cmp_idx=torch.stack(idx_rows) if idx_rows else torch.zeros(0, k, dtype=torch.int32, device=device),
+    )
+
+
+def _extend_ref(case):
+    start, end, q_seq = extend_window_ranges(case["cu_seqlens_q"], case["cu_seqlens_kv"])
+    return sparse_attn_ref(case["q"], case["sink"], case["kv"], start, end, case["cmp_kv"], case["page_table"],
+                           case["cmp_idx"], q_seq)
+
+
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+@pytest.mark.parametrize("q_lens,prefix_lens,k", [([1], [0], 16), ([23, 5, 1], [0, 127, 60], 16)])
+def test_extend_matches_reference(q_lens, prefix_lens, k, fp8, device, force_triton):
+    case = _extend_case(q_lens, prefix_lens, heads=16, k=k, page_size=16, device=device)
+    ref = _extend_ref(case)
+    if fp8:
+        case = {**case, "kv": pack_kv_fp8(case["kv"]), "cmp_kv": pack_kv_fp8(case["cmp_kv"])}
+    with poisoned_outputs():
+        out = sparse_attn_extend(**case)
+    assert rel_err(out, ref) < TOL
+
+
+def test_extend_window_is_causal_and_128_wide(device):
+    start, end, q_seq = extend_window_ranges(torch.tensor([0, 3, 203], device=device),
+                                             torch.tensor([0, 5, 205], device=device))
+    assert q_seq.tolist() == [0, 0, 0] + [1] * 200
+    assert (start[:3].tolist(), end[:3].tolist()) == ([0, 0, 0], [3, 4, 5])  # 2 prefix rows, then the queries
+    assert (end - start).max().item() == 128 and end[-1].item() == 205 and start[-1].item() == 205 - 128
+
+
+def test_bad_inputs_name_the_field(device):
+    case = _decode_case([10], heads=4, k=4, page_size=4, device=device)
+    with pytest.raises(ValueError, match="sink"):
+        sparse_attn_decode(**{**case, "sink": torch.zeros(5, device=device)})
+    with pytest.raises(ValueError, match="win_ring"):
+        sparse_attn_decode(**{**case, "win_ring": case["win_ring"][:, :64]})
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+@pytest.mark.parametrize("batch", [1, 64])
+def test_decode_full_shapes_gpu(batch, fp8):
+    """V4-Flash: 64 heads x 512, window 128 + top-512 of up to 64K-token contexts, page size 64."""
+    positions = torch.randint(1, 65536, (batch,)).tolist()
+    positions[0] = 700  # fewer than 512 entries
+    case = _decode_case(positions, heads=64, k=512, page_size=64, device="cuda")
+    ref = _decode_ref(case)
+    if fp8:
+        case = _as_fp8(case)
+    with poisoned_outputs():
+        out = sparse_attn_decode(**case)
+    assert rel_err(out, ref) < TOL
+
+
+@pytest.mark.gpu
+@requires_gpu
+def test_extend_full_shapes_gpu():
+    case = _extend_case([300, 77], [0, 127], heads=64, k=512, page_size=64, device="cuda")
+    ref = _extend_ref(case)
+    with poisoned_outputs():
+        out = sparse_attn_extend(**case)
+    assert rel_err(out, ref) < TOL
