@@ -16,9 +16,9 @@ from dsv4_agent.model import (
     expected_tensors,
     load_config,
     load_model,
+    ops,
     save_random_checkpoint,
 )
-from dsv4_agent.model import ops
 from dsv4_agent.model.checkpoint import quantize_fp4_weight, quantize_fp8_weight
 
 
