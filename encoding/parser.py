@@ -269,6 +269,8 @@ class StreamParser:
         # a removed marker can never join into a marker inside one delta (e.g. `｜DS<think>ML｜`).
         self._dropped = False
         self._events: list[Event] = []
+        self._pending: list[str] = []  # text of the delta being built
+        self._pending_kind: Any = None  # ReasoningDelta / ContentDelta, or a call index for ToolCallDelta
         self._finished = False
         # tool block
         self._bare = False  # block opened by a bare invoke (no tool_calls wrapper)
@@ -306,34 +308,44 @@ class StreamParser:
         incomplete = self._cut_call()
         if reason == "stop" and self._complete and incomplete is None:
             reason = "tool_calls"
-        self._events.append(Done(reason, incomplete))
+        self._emit(Done(reason, incomplete))
         return self._take()
 
     # ---- output -------------------------------------------------------------------------------------
 
+    # Deltas of one kind are collected as pieces and joined once (no quadratic re-concatenation).
+
+    def _flush(self) -> None:
+        if self._pending:
+            text = "".join(self._pending)
+            kind = self._pending_kind
+            self._events.append(ToolCallDelta(kind, text) if isinstance(kind, int) else kind(text))
+            self._pending = []
+
+    def _emit(self, event: Event) -> None:
+        self._flush()
+        self._events.append(event)
+
     def _take(self) -> list[Event]:
+        self._flush()
         events, self._events = self._events, []
         return events
 
+    def _piece(self, kind: Any, s: str) -> None:
+        if self._pending_kind != kind or self._dropped:
+            self._flush()
+            self._pending_kind, self._dropped = kind, False
+        self._pending.append(s)
+
     def _text(self, s: str) -> None:
-        if not s:
-            return
-        kind = ReasoningDelta if self._reasoning else ContentDelta
-        if self._events and type(self._events[-1]) is kind and not self._dropped:
-            s = self._events.pop().text + s
-        self._events.append(kind(s))
-        self._dropped = False
+        if s:
+            self._piece(ReasoningDelta if self._reasoning else ContentDelta, s)
 
     def _args(self, s: str) -> None:
         call = self._call
-        if not s or call is None:
-            return
-        call["args"].append(s)
-        last = self._events[-1] if self._events else None
-        if isinstance(last, ToolCallDelta) and last.index == call["index"]:
-            self._events.pop()
-            s = last.arguments + s
-        self._events.append(ToolCallDelta(call["index"], s))
+        if s and call is not None:
+            call["args"].append(s)
+            self._piece(call["index"], s)
 
     # ---- lexing helpers -----------------------------------------------------------------------------
 
@@ -585,13 +597,13 @@ class StreamParser:
             index = self._calls
             self._calls += 1
             self._call = {"index": index, "id": self._id_factory(index), "name": name, "args": [], "keys": set()}
-            self._events.append(ToolCallStart(index, self._call["id"], name))
+            self._emit(ToolCallStart(index, self._call["id"], name))
 
     def _end_call(self) -> None:
         call = self._call
         if call is not None:
             self._args("}" if call["keys"] else "{}")
-            self._events.append(ToolCallEnd(call["index"], "".join(call["args"])))
+            self._emit(ToolCallEnd(call["index"], "".join(call["args"])))
             self._complete += 1
         self._call, self._skip_invoke = None, False
         self._block_calls += 1
