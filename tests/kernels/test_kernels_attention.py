@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_helpers import poisoned_outputs, rel_err, requires_gpu
-
 from dsv4_agent.kernels import (
     decode_window_ranges,
     extend_window_ranges,
@@ -17,6 +15,7 @@ from dsv4_agent.kernels import (
     sparse_attn_ref,
 )
 from dsv4_agent.kernels.triton_attention import sparse_attn_triton
+from kernel_helpers import poisoned_outputs, rel_err, requires_gpu
 
 TOL = 5e-3  # bf16 probabilities in the value product (as the official kernel) vs fp32 softmax
 
@@ -137,11 +136,11 @@ def _extend_case(q_lens, prefix_lens, heads, k, page_size, device):
     """Per sequence: `prefix` earlier window rows then the query tokens' rows; positions continue
     from a start position; entries available per query = (p + 1) // 4."""
     starts = [max(pl, 200 * i) for i, pl in enumerate(prefix_lens)]  # a sequence may start mid-stream
-    kv_lens = [pl + ql for pl, ql in zip(prefix_lens, q_lens)]
-    n_entries = [(s + ql) // 4 for s, ql in zip(starts, q_lens)]
+    kv_lens = [pl + ql for pl, ql in zip(prefix_lens, q_lens, strict=True)]
+    n_entries = [(s + ql) // 4 for s, ql in zip(starts, q_lens, strict=True)]
     pool, table = _paged_pool(n_entries, page_size, device)
     idx_rows = []
-    for b, (s, ql) in enumerate(zip(starts, q_lens)):
+    for s, ql in zip(starts, q_lens, strict=True):
         for j in range(ql):
             idx_rows.append(_selection([(s + j + 1) // 4], k, device)[0])
     t = sum(q_lens)
