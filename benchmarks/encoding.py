@@ -134,7 +134,7 @@ def main() -> None:
         if recipe is not None:
             conv = recipe_conversation(recipe, messages)
             enc = recipe.DeepseekV4Encoding()
-            rec = us(best(lambda c=conv: enc.render_conversation(c), args.repeat), n)
+            rec = us(best(lambda c=conv, e=enc: e.render_conversation(c), args.repeat), n)
         rows.append((f"encode, agent conversation of {n} messages (us/message)", us(ours, n), off, rec))
 
     # parse: one assistant turn with reasoning, content and two calls, per message
@@ -158,7 +158,7 @@ def main() -> None:
         rec = "-"
         if recipe is not None:
             conv = recipe_conversation(recipe, agent_conversation(0)[:2])
-            rec = us(best(lambda t=text: recipe_stream(recipe, conv, t), 3), n)
+            rec = us(best(lambda t=text, c=conv: recipe_stream(recipe, c, t), 3), n)
         rows.append((f"stream a {n}-token completion, 1 token/feed (us/token)", us(ours, n), "-", rec))
 
     print("| measurement | dsv4_agent.encoding | official encoder | deepseek_recipe (Rust) |")

@@ -380,6 +380,8 @@ class StreamParser:
     def _classify_lt(self, p: int, final: bool) -> tuple[str, Any]:
         """What starts at the `<` at p: literal / block / invoke / open / close / text / partial / need."""
         buf, n = self._buf, len(self._buf)
+        if p + 1 < n and buf[p + 1] not in "｜|/t":  # every marker starts with `<｜`, `<|`, `</` or `<t`
+            return "text", None
         partial = False
         for lit in _LITERALS:
             if buf.startswith(lit, p):
