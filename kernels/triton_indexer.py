@@ -36,36 +36,36 @@ def _index_scores_kernel(
     e = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n = tl.minimum(tl.load(n_avail_ptr + t), n_max)
     out_ptrs = out_ptr + t.to(tl.int64) * stride_ot + e
-    if tl.program_id(1) * BLOCK_N >= n:  # nothing available in this block
+    if tl.program_id(1) * BLOCK_N < n:
+        valid = e < n
+        offs_h = tl.arange(0, HI)
+        offs_d = tl.arange(0, DI)
+        q = tl.load(q_ptr + t.to(tl.int64) * stride_qt + offs_h[:, None] * stride_qh + offs_d[None, :])
+        w = tl.load(w_ptr + t.to(tl.int64) * stride_wt + offs_h).to(tl.float32)
+        seq = tl.load(q_seq_ptr + t).to(tl.int64)
+        page = tl.load(pt_ptr + seq * stride_pt + e // page_size, mask=valid, other=0).to(tl.int64)
+        slot = e % page_size
+        if FP8:
+            # page bytes: [page_size, DI] e4m3 codes, then [page_size, DI // SB] ue8m0 exponents
+            NB: tl.constexpr = DI // SB
+            page_ptr = keys_ptr + page * stride_page
+            blk = tl.arange(0, NB)[None, :, None]
+            el = tl.arange(0, SB)[None, None, :]
+            codes = tl.load(page_ptr[:, None, None] + slot[:, None, None] * DI + blk * SB + el,
+                            mask=valid[:, None, None], other=0)
+            sc = tl.load(page_ptr[:, None] + page_size * DI + slot[:, None] * NB + tl.arange(0, NB)[None, :],
+                         mask=valid[:, None], other=127)
+            scale = (sc.to(tl.int32) << 23).to(tl.float32, bitcast=True)
+            k3 = codes.to(tl.float8e4nv, bitcast=True).to(tl.float32) * scale[:, :, None]
+            k = tl.reshape(k3, (BLOCK_N, DI)).to(tl.bfloat16)
+        else:
+            rows = page * page_size + slot
+            k = tl.load(keys_ptr + rows[:, None] * stride_page + offs_d[None, :], mask=valid[:, None], other=0.0)
+        s = dot(k, tl.trans(q), INTERP)  # [BLOCK_N, HI]
+        score = tl.sum(tl.maximum(s, 0.0) * w[None, :], 1)
+        tl.store(out_ptrs, tl.where(valid, score, float("-inf")), mask=e < n_max)
+    else:  # nothing available in this block
         tl.store(out_ptrs, tl.full([BLOCK_N], float("-inf"), tl.float32), mask=e < n_max)
-        return
-    valid = e < n
-    offs_h = tl.arange(0, HI)
-    offs_d = tl.arange(0, DI)
-    q = tl.load(q_ptr + t.to(tl.int64) * stride_qt + offs_h[:, None] * stride_qh + offs_d[None, :])
-    w = tl.load(w_ptr + t.to(tl.int64) * stride_wt + offs_h).to(tl.float32)
-    seq = tl.load(q_seq_ptr + t).to(tl.int64)
-    page = tl.load(pt_ptr + seq * stride_pt + e // page_size, mask=valid, other=0).to(tl.int64)
-    slot = e % page_size
-    if FP8:
-        # page bytes: [page_size, DI] e4m3 codes, then [page_size, DI // SB] ue8m0 exponents
-        NB: tl.constexpr = DI // SB
-        page_ptr = keys_ptr + page * stride_page
-        blk = tl.arange(0, NB)[None, :, None]
-        el = tl.arange(0, SB)[None, None, :]
-        codes = tl.load(page_ptr[:, None, None] + slot[:, None, None] * DI + blk * SB + el,
-                        mask=valid[:, None, None], other=0)
-        sc = tl.load(page_ptr[:, None] + page_size * DI + slot[:, None] * NB + tl.arange(0, NB)[None, :],
-                     mask=valid[:, None], other=127)
-        scale = (sc.to(tl.int32) << 23).to(tl.float32, bitcast=True)
-        k3 = codes.to(tl.float8e4nv, bitcast=True).to(tl.float32) * scale[:, :, None]
-        k = tl.reshape(k3, (BLOCK_N, DI)).to(tl.bfloat16)
-    else:
-        rows = page * page_size + slot
-        k = tl.load(keys_ptr + rows[:, None] * stride_page + offs_d[None, :], mask=valid[:, None], other=0.0)
-    s = dot(k, tl.trans(q), INTERP)  # [BLOCK_N, HI]
-    score = tl.sum(tl.maximum(s, 0.0) * w[None, :], 1)
-    tl.store(out_ptrs, tl.where(valid, score, float("-inf")), mask=e < n_max)
 
 
 def indexer_scores_triton(q, weights, keys, page_table, q_seq, n_avail, n_max, page_size=None, *, block_n=64,
@@ -161,7 +161,7 @@ def _topk_finish_kernel(scores_ptr, stride_s, n_avail_ptr, n_cols, k, hist_ptr, 
     offs = tl.arange(0, BLOCK)
     out_row = out_ptr + row64 * stride_o
     for r in tl.static_range(3):
-        shift: tl.constexpr = 32 - TOP_BITS - (r + 1) * SUB_BITS
+        shift = 32 - TOP_BITS - (r + 1) * SUB_BITS  # constexpr: r is a static_range index
         h = tl.zeros([1 << SUB_BITS], tl.int32)
         for c0 in range(0, n_cand, BLOCK):
             m = c0 + offs < n_cand
