@@ -12,7 +12,8 @@ detokenizer), then applies the registered hooks. What is registered, and through
 * the chat handler -> a class REPLACE hook on `OpenAIServingChat` via `HookRegistry`. A subclass is the
   documented way to choose the encoding spec (`_resolve_chat_encoding_spec`: "Override in subclass") and
   the only place that sees the whole request and response, which the reasoning switches, the
-  tool_call_id reasoning store, the `reasoning` output field and the field-naming 400s need.
+  tool_call_id reasoning store, the `reasoning` output field and the field-naming 400s need;
+* the KV pool, pool sizing and radix cache of our model: `dsv4_agent.serve.v4cache.register()`.
 
 Registration is skipped when the server was not started for our model (no `DSV4_AGENT_SERVE=1` in the
 environment, set by `dsv4-agent serve`): installing dsv4-agent must not change other SGLang deployments.
@@ -46,3 +47,8 @@ def register() -> None:
 
     HookRegistry.register("sglang.srt.entrypoints.openai.serving_chat.OpenAIServingChat", DSV4ServingChat,
                           HookType.REPLACE)
+
+    # our model's compressed KV pool, its sizing and the resume-state radix cache (engine side, issue 6)
+    from dsv4_agent.serve import v4cache
+
+    v4cache.register()
