@@ -117,6 +117,38 @@ class ScriptedEndpoint:
         return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=body())
 
 
+def completion(reply: Reply, model: str) -> dict[str, Any]:
+    """The non-streaming answer for the same reply."""
+    message: dict[str, Any] = {"role": "assistant", "content": reply.content or None}
+    if reply.reasoning:
+        message[reply.reasoning_field] = reply.reasoning
+    if reply.tool_calls:
+        message["tool_calls"] = [
+            {"id": cid, "type": "function", "function": {"name": name, "arguments": args}}
+            for cid, name, args in reply.tool_calls
+        ]
+    prompt, completion_tokens, cached = reply.usage
+    return {
+        "id": "chatcmpl-scripted",
+        "object": "chat.completion",
+        "created": 0,
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": message,
+                "finish_reason": reply.finish_reason or ("tool_calls" if reply.tool_calls else "stop"),
+            }
+        ],
+        "usage": {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached},
+        },
+    }
+
+
 def sse_chunks(reply: Reply, model: str) -> list[dict[str, Any]]:
     def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
         return {
@@ -206,6 +238,9 @@ class ThreadedScriptedServer:
                 step = outer.script.pop(0) if outer.script else Status(500, '{"error": "unscripted"}')
                 if isinstance(step, Status):
                     self._send(step.code, step.body.encode(), "application/json")
+                    return
+                if not body.get("stream"):
+                    self._send(200, json.dumps(completion(step, body["model"])).encode(), "application/json")
                     return
                 sse = "".join(f"data: {json.dumps(c)}\n\n" for c in sse_chunks(step, body["model"]))
                 self._send(200, (sse + "data: [DONE]\n\n").encode(), "text/event-stream")
