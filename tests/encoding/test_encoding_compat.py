@@ -129,3 +129,16 @@ def test_bad_mode_and_effort():
         encode_messages([], "think")
     with pytest.raises(ValueError, match="resolve_reasoning"):
         encode_messages([{"role": "user", "content": "q"}], "chat", "low")
+
+
+def test_encoder_does_not_mutate_its_input():
+    import copy
+    messages = [{"role": "system", "content": "s", "tools": TOOLS}, {"role": "user", "content": "q"},
+                {"role": "assistant", "reasoning_content": "r", "tool_calls": [
+                    {"id": "b", "type": "function", "function": {"name": "f", "arguments": {"x": 1}}},
+                    {"id": "a", "type": "function", "function": {"name": "g", "arguments": "{}"}}]},
+                {"role": "tool", "tool_call_id": "a", "content": "2"}, {"role": "tool", "tool_call_id": "b", "content": "1"}]
+    before = copy.deepcopy(messages)
+    prompt = encode_messages(messages[3:], "thinking", context=messages[:3])
+    assert messages == before
+    assert prompt == "<｜User｜><tool_result>1</tool_result>\n\n<tool_result>2</tool_result><｜Assistant｜><think>"
