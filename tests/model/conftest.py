@@ -1,4 +1,4 @@
-"""Fixtures for the model tests: golden cases, their loaded models, few threads (CI has 2 cores)."""
+"""Fixtures for the model tests: golden cases, their loaded models, one thread."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from safetensors import safe_open
 
 from dsv4_agent.model import load_model
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # tiny models: one thread is fastest, and CI shares 2 cores
 
 CASES = ("t2-window", "t1-mixed", "t3-smooth")
 

@@ -44,6 +44,13 @@ def test_simulated_and_released_precision(golden, mode):
     check_tolerance(out, golden.tensors[f"logits_{mode}"], golden.tolerances[f"logits_{mode}"])
 
 
+def test_fp32_sim_prefill_then_decode(golden):
+    """With the KV FP8 / indexer FP4 simulations on, decoding through the cache (rounded values stored in
+    pages and tails) stays within the case's fp32_sim tolerance."""
+    dec = reference_logits(golden.dir, golden.ids, mode="fp32_sim", prefill_len=golden.P)
+    check_tolerance(dec, golden.tensors["logits_fp32_sim"], golden.tolerances["logits_fp32_sim"])
+
+
 def test_quant_prefill_then_decode_is_close(golden):
     """Released precision through the cache: within the reference's own prefill-vs-decode spread."""
     dec = reference_logits(golden.dir, golden.ids, mode="quant", prefill_len=golden.P)
