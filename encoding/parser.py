@@ -224,12 +224,13 @@ def assemble(events: Iterable[Event]) -> dict[str, Any]:
 
 _TEXT, _BLOCK, _INVOKE_HEADER, _PARAMS, _PARAM_HEADER, _VALUE, _END = range(7)
 _TEXT_TRIGGER = re.compile("[<\n｜|]")
-_PIPES = "｜|"
-_D_SHAPE = (_PIPES, "D", "S", "M", "L", _PIPES)  # `｜DSML｜`, any pipe fullwidth or ASCII
-_IDENT = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ_")
+# `｜DSML｜` with each pipe fullwidth or ASCII; a tag is `<` or `</`, the marker, an identifier.
+_D_RE = re.compile("[｜|]DSML[｜|]")
+_D_PREFIX_RE = re.compile("[｜|](?:D(?:S(?:M(?:L)?)?)?)?\\Z")
+_TAG_RE = re.compile("<(/?)[｜|]DSML[｜|]([A-Za-z_]{0,40})")
+_TAG_PREFIX_RE = re.compile("</?(?:[｜|](?:D(?:S(?:M(?:L)?)?)?)?)?\\Z")
 _WS = " \t\r\n"
 _LITERALS = (EOS, BOS, THINK_OPEN, THINK_CLOSE)
-_MAX_IDENT = 40
 _MAX_HEADER = 512
 _BLOCK_NAMES = ("tool_calls", "toolcalls")
 _ATTR_RE = re.compile(r"""([A-Za-z_]+)\s*=\s*(?:"([^"]*)"|'([^']*)'|([^\s"'>]+))""")
@@ -352,20 +353,12 @@ class StreamParser:
     def _dsml_at(self, p: int, final: bool) -> Any:
         """At `<` (or `</`) + D + identifier: (closing, ident, end) / _NEED / None."""
         buf, n = self._buf, len(self._buf)
-        q = p + 1
-        closing = q < n and buf[q] == "/"
-        q += closing
-        for k, allowed in enumerate(_D_SHAPE):
-            if q + k >= n:
-                return None if final else _NEED
-            if buf[q + k] not in allowed:
-                return None
-        start = r = q + len(_D_SHAPE)
-        while r < n and buf[r] in _IDENT and r - start < _MAX_IDENT:
-            r += 1
-        if r == n and not final:
-            return _NEED
-        return closing, buf[start:r], r
+        m = _TAG_RE.match(buf, p)
+        if m is None:
+            return _NEED if not final and n - p < 9 and _TAG_PREFIX_RE.match(buf, p) else None
+        if m.end() == n and not final:
+            return _NEED  # the identifier (or the `>` after it) may go on
+        return m.group(1) == "/", m.group(2), m.end()
 
     def _optional(self, p: int, char: str, final: bool) -> Any:
         """Position after an optional `char` at p (spaces/tabs first when char is '>'), or _NEED."""
@@ -411,13 +404,12 @@ class StreamParser:
 
     def _bare_dsml_at(self, p: int, final: bool) -> Any:
         """At a pipe: the end of a bare D marker / _NEED / None (partial at the end: 'partial')."""
-        buf, n = self._buf, len(self._buf)
-        for k, allowed in enumerate(_D_SHAPE):
-            if p + k >= n:
-                return "partial" if final else _NEED
-            if buf[p + k] not in allowed:
-                return None
-        return p + len(_D_SHAPE)
+        m = _D_RE.match(self._buf, p)
+        if m is not None:
+            return m.end()
+        if len(self._buf) - p < 6 and _D_PREFIX_RE.match(self._buf, p):
+            return "partial" if final else _NEED
+        return None
 
     # ---- state machine ------------------------------------------------------------------------------
 
