@@ -13,6 +13,8 @@ Differences from the reference, all deliberate:
 * invalid input is rejected before rendering, with `MessageError` naming the message and field, also
   where the reference would only fail once it reaches the message (or not at all: an unknown task on a
   message that never gets a transition, a bad mode with nothing to render);
+* an assistant's `reasoning` is read as `reasoning_content` when that is absent or null (the reference
+  ignores it and renders an empty reasoning block);
 * `verbatim_arguments=True` (opt-in) writes non-string argument values as the exact text found in the
   arguments string instead of re-serialising them (see README "Round trip").
 """
@@ -209,6 +211,8 @@ def _fold(messages: Sequence[Mapping[str, Any]], source: str) -> list[dict[str, 
         else:
             item = dict(msg)
             item["_at"] = (source, i)
+            if role == "assistant" and item.get("reasoning_content") is None and "reasoning" in item:
+                item["reasoning_content"] = item.pop("reasoning")  # the alias some clients send back
             folded.append(item)
     return folded
 
@@ -521,6 +525,8 @@ def render_assistant(message: Mapping[str, Any], thinking_mode: str, *, verbatim
     text the encoder puts in a prompt for an assistant turn whose reasoning is kept."""
     _check_args(thinking_mode, None)
     _validate([message], "message")
+    if message.get("role") != "assistant":
+        raise MessageError("message.role", f"expected 'assistant', got {message.get('role')!r}", field="role")
     out = _Out()
-    _render_assistant_body(out, message, thinking_mode == "thinking", verbatim_arguments)
+    _render_assistant_body(out, _fold([message], "message")[0], thinking_mode == "thinking", verbatim_arguments)
     return "".join(text for text, _ in out.pieces)

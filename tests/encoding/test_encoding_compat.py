@@ -142,3 +142,13 @@ def test_encoder_does_not_mutate_its_input():
     prompt = encode_messages(messages[3:], "thinking", context=messages[:3])
     assert messages == before
     assert prompt == "<｜User｜><tool_result>1</tool_result>\n\n<tool_result>2</tool_result><｜Assistant｜><think>"
+
+
+def test_reasoning_alias_is_read_by_the_encoder_itself():
+    conv = [{"role": "system", "content": "", "tools": TOOLS}, {"role": "user", "content": "q"}]
+    aliased = encode_messages([*conv, {"role": "assistant", "reasoning": "R", "content": "A"}], "thinking")
+    assert aliased == encode_messages([*conv, {"role": "assistant", "reasoning_content": "R", "content": "A"}], "thinking")
+    # dropped history loses the alias too
+    history = [{"role": "user", "content": "q"}, {"role": "assistant", "reasoning": "R", "content": "A"},
+               {"role": "user", "content": "q2"}]
+    assert "R" not in encode_messages(history, "thinking")
