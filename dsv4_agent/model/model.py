@@ -98,7 +98,7 @@ def _emit_window(old: torch.Tensor, buf: torch.Tensor, lo: int, end: int) -> tor
     size = ring.shape[0]
     first = max(lo, end - size)
     if end > first:
-        pos = torch.arange(first, end)
+        pos = torch.arange(first, end, device=ring.device)
         ring[pos % size] = buf[first - lo:end - lo].float()
     return ring
 
@@ -110,7 +110,7 @@ def _gather_entries(pool_t: torch.Tensor | None, pages: list[int], partial: torc
     n_full = start // PAGE_SIZE
     parts = []
     if n_full:
-        parts.append(pool_t[torch.tensor(pages[:n_full])].reshape(n_full * per_page, -1))
+        parts.append(pool_t[torch.tensor(pages[:n_full], device=pool_t.device)].reshape(n_full * per_page, -1))
     parts.append(partial[:start // m - n_full * per_page])
     return torch.cat(parts)
 
@@ -149,7 +149,7 @@ class Compressor(nn.Module):
         first_block, end_block = start // m, (start + n) // m
         lo = max(0, m * first_block - m) if self.overlap else m * first_block
         size = ring_kv.shape[0]
-        old = torch.arange(lo, start) % size
+        old = torch.arange(lo, start, device=kv.device) % size
         all_kv = torch.cat([ring_kv[old], kv])
         all_score = torch.cat([ring_score[old], score])
         nb = end_block - first_block
@@ -171,7 +171,7 @@ class Compressor(nn.Module):
         else:
             pooled = ops.compress_entries(cur_kv, cur_score)
         entries = self.norm(pooled.to(num.act_dtype), num)
-        block_pos = torch.arange(first_block, end_block) * m  # RoPE at the first token of the entry's block
+        block_pos = torch.arange(first_block, end_block, device=kv.device) * m  # RoPE at the first token of the entry's block
         entries = ops.rope_tail(entries, block_pos, freqs)
         if self.rotate:
             entries = ops.hadamard(entries)
@@ -235,7 +235,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: _Ctx, slot: int) -> torch.Tensor:
         """x [N, d] (after attn_norm) -> [N, d]; reads and advances layer ``slot`` of every segment's tail."""
-        num, pos, N = ctx.num, ctx.positions, x.shape[0]
+        num, pos, N, dev = ctx.num, ctx.positions, x.shape[0], x.device
         H, D = self.n_heads, self.head_dim
         q_r = self.q_norm(self.wq_a(x, num), num)
         q = self.wq_b(q_r, num).view(N, H, D).to(num.act_dtype)
@@ -257,10 +257,10 @@ class Attention(nn.Module):
             s, e = seg.start, seg.start + seg.n
             # --- window keys: ring positions [w_lo, s) + the new tokens
             w_lo = max(0, s - self.window + 1)
-            ring_pos = torch.arange(w_lo, s) % self.window
+            ring_pos = torch.arange(w_lo, s, device=dev) % self.window
             win = torch.cat([old.window[ring_pos].to(num.act_dtype), kv[r]])  # [s - w_lo + n, D]
-            qpos = torch.arange(s, e)
-            kpos = qpos[:, None] - self.window + 1 + torch.arange(self.window)[None, :]  # [n, W]
+            qpos = torch.arange(s, e, device=dev)
+            kpos = qpos[:, None] - self.window + 1 + torch.arange(self.window, device=dev)[None, :]  # [n, W]
             idx = torch.where(kpos >= 0, kpos - w_lo, -1)
             keys = win
             new_state: dict[str, torch.Tensor] = {}
@@ -283,7 +283,7 @@ class Attention(nn.Module):
                     scores = ops.indexer_scores(iq[r], iw[r], ikeys, num.act_dtype)
                     sel = ops.indexer_topk(scores, n_avail, self.indexer.topk)
                 else:  # HCA: every available entry
-                    ent = torch.arange(entries.shape[0])[None, :]
+                    ent = torch.arange(entries.shape[0], device=dev)[None, :]
                     sel = torch.where(ent < n_avail[:, None], ent, -1)
                 idx = torch.cat([idx, torch.where(sel >= 0, sel + win.shape[0], -1)], dim=1)
                 keys = torch.cat([win, entries])
@@ -384,7 +384,7 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor, num: Numerics) -> torch.Tensor:
         weights, experts = self.gate(x, token_ids)
-        y = torch.zeros(x.shape, dtype=torch.float32)
+        y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         # routed experts in increasing index, then the shared expert: the reference's accumulation order
         for e in torch.unique(experts).tolist():
             rows, k = torch.nonzero(experts == e, as_tuple=True)
@@ -447,7 +447,7 @@ class DeepSeekV4(nn.Module):
         self.hc_head_fn, self.hc_head_base, self.hc_head_scale = _param(hc, hc * d), _param(hc), _param(1)
 
     def new_sequence(self, pool) -> SequenceCache:
-        return SequenceCache.new(self.config, pool)
+        return SequenceCache.new(self.config, pool, self.embed.weight.device)
 
     def _head(self, X: torch.Tensor, fn, scale, base, norm: RMSNorm, num: Numerics) -> torch.Tensor:
         cfg = self.config
@@ -473,20 +473,28 @@ class DeepSeekV4(nn.Module):
         """Extend every step's sequence by its tokens; returns per-step logits/streams (and snapshots)."""
         num = numerics if isinstance(numerics, Numerics) else Numerics.from_mode(numerics)
         cfg = self.config
+        if not steps:
+            return []
+        pool = steps[0].seq.pool
         for st in steps:
             if st.token_ids.dim() != 1 or st.token_ids.numel() == 0:
                 raise ValueError(f"Step.token_ids must be a non-empty 1-D tensor, got shape {tuple(st.token_ids.shape)}")
             if int(st.token_ids.min()) < 0 or int(st.token_ids.max()) >= cfg.vocab_size:
                 raise ValueError(f"token id out of range [0, {cfg.vocab_size})")
+            if st.seq.pool is not pool:
+                raise ValueError("all sequences of a batch must share one PagePool")
+        if len({id(st.seq) for st in steps}) != len(steps):
+            raise ValueError("a sequence may appear only once per batch")
+        new_pages = sum((st.seq.length + st.token_ids.numel()) // PAGE_SIZE - st.seq.length // PAGE_SIZE for st in steps)
+        if new_pages > pool.num_free:
+            raise RuntimeError(f"page pool exhausted: this batch completes {new_pages} pages, {pool.num_free} free")
+        for st in steps:
             # pages completed by this step are allocated up front and written layer by layer
             s, n = st.seq.length, st.token_ids.numel()
-            for _ in range(s // PAGE_SIZE, (s + n) // PAGE_SIZE):
-                st.seq.pages.append(st.seq.pool.alloc())
-        if not steps:
-            return []
+            st.seq.pages.extend(pool.alloc() for _ in range(s // PAGE_SIZE, (s + n) // PAGE_SIZE))
         segs, positions = self._segments([(st.seq.tail, st.seq.pages, st.token_ids.numel(), st.snapshot_at)
                                           for st in steps])
-        ctx = _Ctx(num, segs, positions, steps[0].seq.pool)
+        ctx = _Ctx(num, segs, positions.to(self.embed.weight.device), pool)
         ids = torch.cat([st.token_ids for st in steps]).long()
         x = self.embed.weight[ids].to(num.act_dtype)
         X = x[:, None, :].expand(-1, cfg.hc_mult, -1).contiguous()
@@ -517,24 +525,26 @@ class DeepSeekV4(nn.Module):
 
     @torch.no_grad()
     def forward_mtp(self, seqs: list[SequenceCache], streams: list[torch.Tensor], next_ids: list[torch.Tensor], *,
-                    numerics: Numerics | str = "fp32", block: int = 0) -> list[torch.Tensor]:
-        """MTP block ``block`` on (main streams of positions t, token t + 1) for each sequence, continuing its
-        MTP window from ``seq.mtp_tail.length``; streams [n, hc, d], next_ids [n] -> logits fp32 [n, vocab]
-        (the prediction of token t + 2)."""
+                    numerics: Numerics | str = "fp32") -> list[torch.Tensor]:
+        """The (first) MTP block on (main streams of positions t, token t + 1) for each sequence, continuing
+        its MTP window from ``seq.mtp_tail.length``; streams [n, hc, d], next_ids [n] -> logits fp32
+        [n, vocab] (the prediction of token t + 2)."""
         num = numerics if isinstance(numerics, Numerics) else Numerics.from_mode(numerics)
         if not self.mtp:
             raise ValueError("this model has no MTP block (num_nextn_predict_layers = 0)")
-        mtp = self.mtp[block]
-        segs, positions = self._segments([(sq.mtp_tail, [], ids.numel(), ()) for sq, ids in zip(seqs, next_ids, strict=True)])
+        if any(sq.mtp_tail is None for sq in seqs):
+            raise ValueError("sequence has no MTP state (restored from a snapshot taken inside a forward call)")
+        mtp = self.mtp[0]
+        segs, positions = self._segments([(sq.mtp_tail, [], ids.numel(), ())
+                                          for sq, ids in zip(seqs, next_ids, strict=True)])
         if not segs:
             return []
-        ctx = _Ctx(num, segs, positions, None)
+        ctx = _Ctx(num, segs, positions.to(self.embed.weight.device), None)
         ids = torch.cat(next_ids).long()
         X = torch.cat(streams).to(num.act_dtype)
         e = mtp.e_proj(mtp.enorm(self.embed.weight[ids].to(num.act_dtype), num), num)
         h = mtp.h_proj(mtp.hnorm(X, num), num)
-        X = (e[:, None, :] + h).to(num.act_dtype)
-        X = mtp(X, ids, ctx, block)
+        X = mtp((e[:, None, :] + h).to(num.act_dtype), ids, ctx, 0)
         logits = self._head(X, mtp.hc_head_fn, mtp.hc_head_scale, mtp.hc_head_base, mtp.norm, num)
         for sq, seg in zip(seqs, segs, strict=True):
             sq.mtp_tail = TailState(seg.start + seg.n, seg.new_tails[seg.start + seg.n])

@@ -92,7 +92,7 @@ def fp4_sim(x: torch.Tensor, block: int = 32) -> torch.Tensor:
     xb = _blocks(x, block).float()
     s = _pow2_ceil(xb.abs().amax(-1, keepdim=True).clamp_min(FP4_MAX * 2.0**-126) / FP4_MAX)
     v = (xb / s).clamp(-FP4_MAX, FP4_MAX)
-    grid = torch.tensor(FP4_VALUES, dtype=torch.float32)
+    grid = torch.tensor(FP4_VALUES, dtype=torch.float32, device=x.device)
     mids = (grid[1:] + grid[:-1]) / 2
     a = v.abs()
     code = torch.searchsorted(mids, a.contiguous())  # number of midpoints strictly below |v|: the lower neighbour
@@ -113,7 +113,7 @@ def unpack_fp4(w: torch.Tensor) -> torch.Tensor:
     """Packed e2m1 int8 [out, in/2] (low nibble = even column) -> fp32 code values [out, in]."""
     b = w.view(torch.uint8).int()
     codes = torch.stack([b & 0xF, b >> 4], dim=-1).reshape(w.shape[0], -1)
-    mag = torch.tensor(FP4_VALUES, dtype=torch.float32)[codes & 7]
+    mag = torch.tensor(FP4_VALUES, dtype=torch.float32, device=w.device)[codes & 7]
     return torch.where(codes & 8 != 0, -mag, mag)
 
 
@@ -345,9 +345,9 @@ def _online_softmax_bf16(logits: torch.Tensor, keys: torch.Tensor, sink: torch.T
     """The official kernel's numerics: online softmax over blocks of ``block`` keys in list order, probabilities
     rounded to bf16 before the value product, fp32 running max / denominator. logits [n, H, K] -> [n, H, D]."""
     n, H, K = logits.shape
-    m = torch.full((n, H, 1), float("-inf"))
-    denom = torch.zeros(n, H, 1)
-    acc = torch.zeros(n, H, keys.shape[-1])
+    m = logits.new_full((n, H, 1), float("-inf"))
+    denom = logits.new_zeros(n, H, 1)
+    acc = logits.new_zeros(n, H, keys.shape[-1])
     for b in range(0, K, block):
         lb = logits[..., b:b + block]
         m_new = torch.maximum(m, lb.amax(-1, keepdim=True))
