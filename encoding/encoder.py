@@ -131,6 +131,8 @@ def _validate_call_args(value: Any, source: str, i: int, field: str) -> None:
             decoded = json.loads(value)
         except ValueError:
             return  # not JSON: rendered as one string parameter named `arguments` (reference)
+        except RecursionError:
+            raise _fail(source, i, field, "arguments are nested too deeply") from None
         if not isinstance(decoded, dict):
             raise _fail(source, i, field, f"arguments must be a JSON object, got JSON {type(decoded).__name__}")
 

@@ -244,7 +244,7 @@ def _reject_constant(name: str) -> Any:
 def _valid_json(raw: str) -> bool:
     try:
         json.loads(raw, parse_constant=_reject_constant)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting
         return False
     return True
 
@@ -278,8 +278,8 @@ class StreamParser:
         self._block_calls = 0  # invokes finished in the current block
         self._calls = 0  # calls started in the completion (the next call's index)
         self._complete = 0
-        self._call: dict[str, Any] | None = None  # open call: index, id, name, args (list), keys (set)
-        self._skip_invoke = False  # inside an invoke without a usable name: parse but emit nothing
+        # open call: index, id, name, args (list), keys (set); None also inside an invoke without a name
+        self._call: dict[str, Any] | None = None
         # parameter value
         self._kind = ""  # "string" | "typed" | "skip"
         self._raw: list[str] = []
@@ -585,7 +585,6 @@ class StreamParser:
 
     def _start_call(self, name: str | None) -> None:
         self._state = _PARAMS
-        self._skip_invoke = not name
         self._call = None
         if name:
             index = self._calls
@@ -599,7 +598,7 @@ class StreamParser:
             self._args("}" if call["keys"] else "{}")
             self._emit(ToolCallEnd(call["index"], "".join(call["args"])))
             self._complete += 1
-        self._call, self._skip_invoke = None, False
+        self._call = None
         self._block_calls += 1
         self._state = _BLOCK
 
