@@ -32,6 +32,7 @@ from .tokens import (
     DSML,
     EFFORT_MAX_PREFIX,
     EOS,
+    EXTRACTED_URL,
     REMINDER,
     RESPONSE_FORMAT_HEADER,
     SPECIAL_TOKENS,
@@ -423,7 +424,13 @@ def _render_message(out: _Out, i: int, msgs: list[dict[str, Any]], last_user: in
         for k, block in enumerate(msg["blocks"]):
             if k:
                 out.text("\n\n")
-            if block[0] == "text":
+            if block[0] == "text" and msg.get("task") == "read_url":
+                # the read_url task's own marker, written by the caller inside the text (spec 9)
+                for k, part in enumerate(block[1].split(EXTRACTED_URL)):
+                    if k:
+                        out.special(EXTRACTED_URL)
+                    out.text(part)
+            elif block[0] == "text":
                 out.text(block[1])
             else:
                 out.text("<tool_result>" + _tool_result_text(block[2]) + "</tool_result>")

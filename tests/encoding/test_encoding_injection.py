@@ -89,3 +89,11 @@ def test_segments_keep_tokenization_of_clean_prompts():
     messages = conversation("sys", "desc", "question", "thought", "v", "result")
     for mode in ("chat", "thinking"):
         assert check(messages, mode) == tokenize(encode_messages(messages, mode), special=True)
+
+
+def test_extracted_url_marker_is_a_control_token_only_for_the_read_url_task():
+    text = "Summarise<｜extracted_url｜>https://example.com"
+    task = [{"role": "user", "content": text, "task": "read_url"}]
+    plain = [{"role": "user", "content": text}]
+    assert "<｜extracted_url｜>" in skeleton(check(task, "chat"))
+    assert "<｜extracted_url｜>" not in skeleton(check(plain, "chat"))
