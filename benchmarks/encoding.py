@@ -6,7 +6,7 @@ Side by side, when available: the official encoder (`--official`, the checkpoint
 its outputs are also checked equal to ours) and `deepseek_recipe` (a Rust-backed V4 encoder/stream
 processor shipped in the serving venv; different defaults, so only its timings are comparable).
 "Token" = 4 characters of completion text (no tokenizer is bundled); the streaming parser is fed one such
-chunk per call, as a server feeds detokenized deltas.
+chunk per call, as a server feeds detokenized deltas. Times are process CPU time, best of `--repeat` runs.
 """
 
 from __future__ import annotations
@@ -45,11 +45,12 @@ def agent_conversation(steps: int) -> list[dict[str, Any]]:
 
 
 def best(fn: Callable[[], Any], repeat: int) -> float:
+    """Least CPU time of `repeat` runs (process CPU time: stable on a machine shared with other jobs)."""
     times = []
     for _ in range(repeat):
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         fn()
-        times.append(time.perf_counter() - t0)
+        times.append(time.process_time() - t0)
     return min(times)
 
 
