@@ -15,7 +15,7 @@ from .checkpoint import (
     load_state_dict,
     save_random_checkpoint,
 )
-from .config import ConfigError, DeepSeekV4Config, load_config
+from .config import ConfigError, DeepSeekV4Config, load_config, tiny_config
 from .memory import KVCacheBytes, kv_bytes_per_token, kv_cache_bytes, marginal_kv_bytes_per_token
 from .model import DeepSeekV4, Step, StepOutput
 from .ops import Numerics
@@ -25,5 +25,5 @@ __all__ = [
     "PAGE_SIZE", "CheckpointError", "ConfigError", "DeepSeekV4", "DeepSeekV4Config", "KVCacheBytes",
     "LayerTail", "LoadProgress", "Numerics", "PagePool", "ResumeState", "SequenceCache", "Step", "StepOutput",
     "TailState", "expected_tensors", "kv_bytes_per_token", "kv_cache_bytes", "load_config", "load_model",
-    "load_state_dict", "marginal_kv_bytes_per_token", "reference_logits", "save_random_checkpoint",
+    "load_state_dict", "marginal_kv_bytes_per_token", "reference_logits", "save_random_checkpoint", "tiny_config",
 ]

@@ -139,7 +139,7 @@ class DeepSeekV4Config:
             vocab_size=get("vocab_size", int),
             hidden_size=get("hidden_size", int),
             num_hidden_layers=get("num_hidden_layers", int),
-            num_nextn_predict_layers=get("num_nextn_predict_layers", int, 0) if "num_nextn_predict_layers" in hf else 0,
+            num_nextn_predict_layers=get("num_nextn_predict_layers", int, 0),
             num_attention_heads=get("num_attention_heads", int),
             head_dim=get("head_dim", int),
             qk_rope_head_dim=get("qk_rope_head_dim", int),
@@ -168,7 +168,7 @@ class DeepSeekV4Config:
             routed_scaling_factor=float(get("routed_scaling_factor", num)),
             num_hash_layers=get("num_hash_layers", int),
             swiglu_limit=float(get("swiglu_limit", num)),
-            expert_dtype=get("expert_dtype", str, "fp8") if "expert_dtype" in hf else "fp8",
+            expert_dtype=get("expert_dtype", str, "fp8"),
             bos_token_id=hf.get("bos_token_id", 0),
             eos_token_id=_first(hf.get("eos_token_id", 1)),
         )
@@ -290,6 +290,24 @@ def _kind(kind: type | tuple[type, ...]) -> str:
 
 def _first(v: Any) -> int:
     return v[0] if isinstance(v, list) else v
+
+
+def tiny_config(**overrides: Any) -> DeepSeekV4Config:
+    """The spec's T1 "all-mechanisms" test configuration (section 11), with HF-key ``overrides``:
+    4 layers [SWA, CSA, HCA, CSA] + an MTP block, d = 256, 4 heads of 128, window 16, top-8 indexer."""
+    hf: dict[str, Any] = {
+        "vocab_size": 512, "hidden_size": 256, "num_hidden_layers": 4, "num_nextn_predict_layers": 1,
+        "num_attention_heads": 4, "head_dim": 128, "qk_rope_head_dim": 64, "q_lora_rank": 128, "o_groups": 2,
+        "o_lora_rank": 64, "sliding_window": 16, "compress_ratios": [0, 4, 128, 4, 0], "rope_theta": 10000.0,
+        "compress_rope_theta": 160000.0, "max_position_embeddings": 512, "index_n_heads": 16,
+        "index_head_dim": 64, "index_topk": 8, "hc_mult": 4, "hc_sinkhorn_iters": 20, "hc_eps": 1e-6,
+        "rms_norm_eps": 1e-6, "n_routed_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 128,
+        "routed_scaling_factor": 1.5, "num_hash_layers": 1, "swiglu_limit": 10.0, "expert_dtype": "fp4",
+        "rope_scaling": {"type": "yarn", "factor": 4, "original_max_position_embeddings": 64, "beta_fast": 32,
+                         "beta_slow": 1},
+    }
+    hf.update(overrides)
+    return DeepSeekV4Config.from_hf(hf)
 
 
 def load_config(model_dir: str | Path) -> DeepSeekV4Config:

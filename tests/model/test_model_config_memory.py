@@ -8,7 +8,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dsv4_agent.model import ConfigError, DeepSeekV4Config, kv_bytes_per_token, kv_cache_bytes, load_config
+from dsv4_agent.model import (
+    ConfigError,
+    DeepSeekV4Config,
+    kv_bytes_per_token,
+    kv_cache_bytes,
+    load_config,
+    tiny_config,
+)
 from dsv4_agent.model.memory import marginal_kv_bytes_per_token
 
 
@@ -105,3 +112,11 @@ def test_kv_bytes_flash_and_pro(shared_dir):
     assert round(kv_cache_bytes(pro, T).compressor_state_fp32 / 1e6, 1) == 18.7
     with pytest.raises(ValueError, match="context_len"):
         kv_bytes_per_token(flash, 0)
+
+
+def test_tiny_config_is_the_spec_t1():
+    cfg = tiny_config()
+    assert cfg.compress_ratios == (0, 4, 128, 4, 0) and cfg.csa_layers == [1, 3] and cfg.hca_layers == [2]
+    assert tiny_config(sliding_window=8).sliding_window == 8
+    with pytest.raises(ConfigError, match="compress_ratios"):
+        tiny_config(num_hidden_layers=3)
