@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .encoder import ROLES, MessageError
+from .encoder import ROLES, MessageError, call_id
 from .tokens import to_json
 
 # reasoning_effort (OpenAI / litellm spellings) -> (thinking_mode, V4 effort)
@@ -104,7 +104,7 @@ def normalize_messages(messages: Sequence[Mapping[str, Any]], *, tools: Sequence
             m.pop("reasoning", None)
             if m.get("tool_calls"):
                 m["tool_calls"] = [_normalize_call(c, where, i, j) for j, c in enumerate(m["tool_calls"])]
-                call_ids = {c.get("id") or (c.get("function") or {}).get("id") for c in m["tool_calls"]} - {None, ""}
+                call_ids = {cid for c in m["tool_calls"] if (cid := call_id(c))}
         if role == "tool":
             tcid = m.get("tool_call_id")
             if tcid and call_ids and tcid not in call_ids:

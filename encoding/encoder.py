@@ -39,13 +39,13 @@ from .tokens import (
     TASK_TOKENS,
     THINK_CLOSE,
     THINK_OPEN,
+    THINKING_MODES,
     TOOLS_PREAMBLE,
     TOOLS_TRAILER,
     USER,
     to_json,
 )
 
-THINKING_MODES = ("chat", "thinking")
 REASONING_EFFORTS = (None, "high", "max")
 ROLES = ("system", "developer", "user", "assistant", "tool", "latest_reminder")
 
@@ -220,12 +220,13 @@ def _fold(messages: Sequence[Mapping[str, Any]], source: str) -> list[dict[str, 
     return folded
 
 
-def _call_id(call: Mapping[str, Any]) -> Any:
+def call_id(call: Mapping[str, Any]) -> Any:
+    """A tool call's id as the reference reads it: `id`, else `function.id` (falsy: none)."""
     return call.get("id") or (call.get("function") or {}).get("id", "")
 
 
 def _call_order(msg: Mapping[str, Any]) -> dict[Any, int]:
-    return {cid: k for k, call in enumerate(msg["tool_calls"]) if (cid := _call_id(call))}
+    return {cid: k for k, call in enumerate(msg["tool_calls"]) if (cid := call_id(call))}
 
 
 def _order_results(folded: list[dict[str, Any]], history: Sequence[Mapping[str, Any]] = ()) -> None:

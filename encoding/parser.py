@@ -37,12 +37,11 @@ from .tokens import (
     PARAMETER_OPEN,
     THINK_CLOSE,
     THINK_OPEN,
+    THINKING_MODES,
     TOOL_CALLS_CLOSE,
     TOOL_CALLS_START,
     to_json,
 )
-
-THINKING_MODES = ("chat", "thinking")
 
 
 class CompletionParseError(ValueError):

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+THINKING_MODES = ("chat", "thinking")  # Non-think; Think High / Think Max (with reasoning_effort)
+
 BOS = "<｜begin▁of▁sentence｜>"
 EOS = "<｜end▁of▁sentence｜>"
 USER = "<｜User｜>"
