@@ -21,6 +21,7 @@ from sglang.srt.parser.reasoning_parser import BaseReasoningFormatDetector
 
 from dsv4_agent.encoding import ContentDelta, Event, StreamParser, ToolCallDelta, ToolCallEnd, ToolCallStart
 from dsv4_agent.encoding.tokens import DSML, EOS, INVOKE_CLOSE, THINK_CLOSE, THINK_OPEN, TOOL_CALLS_OPEN
+from dsv4_agent.serve.grammar import forced_tool_calls_tag
 
 
 class DSV4ToolDetector(BaseFormatDetector):
@@ -82,11 +83,13 @@ class DSV4ToolDetector(BaseFormatDetector):
 
         return info
 
-    def get_structural_tag_name(self) -> str:
-        # xgrammar's builtin DeepSeek-V4 tag: `\n\n<｜DSML｜tool_calls>\n` + invokes whose parameters are
-        # `<｜DSML｜parameter name=".." string="true|false">value</｜DSML｜parameter>` lines checked
-        # against the tool's JSON schema, for required / named choice and parallel_tool_calls.
-        return "deepseek_v4"
+    def get_structural_tag(self, tools: list[Any] | None = None, tool_choice: Any = "auto",
+                           thinking_mode: bool = False, parallel_tool_calls: bool = True) -> Any:
+        """The grammar for forced calls (required / named); `auto` stays unconstrained."""
+        if tool_choice == "auto" or not tools:
+            return None
+        name = None if tool_choice == "required" else tool_choice.function.name
+        return forced_tool_calls_tag(tools, name, parallel_tool_calls)
 
 
 class DSV4ReasoningDetector(BaseReasoningFormatDetector):

@@ -22,6 +22,7 @@ environment, set by `dsv4-agent serve`): installing dsv4-agent must not change o
 from __future__ import annotations
 
 import os
+import sys
 
 from dsv4_agent.serve import ENCODING_SPEC, REASONING_PARSER, TOOL_PARSER
 
@@ -47,6 +48,10 @@ def register() -> None:
 
     HookRegistry.register("sglang.srt.entrypoints.openai.serving_chat.OpenAIServingChat", DSV4ServingChat,
                           HookType.REPLACE)
+    if sys.argv and sys.argv[0].endswith("launch_server.py"):  # the HTTP server process
+        from dsv4_agent.serve.guard import install
+
+        HookRegistry.register("sglang.srt.entrypoints.http_server.launch_server", install, HookType.BEFORE)
 
     # our model's compressed KV pool, its sizing and the resume-state radix cache (engine side, issue 6)
     from dsv4_agent.serve import v4cache

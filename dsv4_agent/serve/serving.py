@@ -38,6 +38,7 @@ from sglang.srt.entrypoints.openai.serving_chat import OpenAIServingChat
 
 from dsv4_agent.encoding import resolve_reasoning
 from dsv4_agent.serve import ENCODING_SPEC
+from dsv4_agent.serve.guard import handler_entered
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +116,7 @@ class DSV4ServingChat(OpenAIServingChat):
         request.skip_special_tokens = False
 
     async def handle_request(self, request: ChatCompletionRequest, raw_request: Request) -> Any:
+        handler_entered.set(True)
         try:
             await self._adopt_raw_reasoning(request, raw_request)
             self._settle_reasoning(request)
@@ -122,10 +124,11 @@ class DSV4ServingChat(OpenAIServingChat):
         except ValueError as e:
             return self.create_error_response(str(e), param=getattr(e, "param", None))
         response = await super().handle_request(request, raw_request)
+        single = not request.parallel_tool_calls
         if isinstance(response, StreamingResponse):
-            response.body_iterator = self._rewrite_stream(response.body_iterator)
+            response.body_iterator = self._rewrite_stream(response.body_iterator, single)
         elif isinstance(response, ChatCompletionResponse):
-            response = ORJSONResponse(self._rewrite_response(response))
+            response = ORJSONResponse(self._rewrite_response(response, single))
         return response
 
     def _convert_to_internal_request(self, request: ChatCompletionRequest, raw_request: Request = None) -> Any:
@@ -240,19 +243,24 @@ class DSV4ServingChat(OpenAIServingChat):
         if reasoning and call_ids:
             self.reasoning_store.put(call_ids, reasoning)
 
-    def _rewrite_response(self, response: ChatCompletionResponse) -> dict[str, Any]:
+    def _rewrite_response(self, response: ChatCompletionResponse, single_call: bool) -> dict[str, Any]:
+        """`reasoning` beside `reasoning_content`; with parallel_tool_calls=false only the first call
+        (forced calls are limited by the grammar already; this covers `auto`)."""
         data = response.model_dump(by_alias=True, exclude_none=False)
         for choice in data["choices"]:
             msg = choice["message"]
             msg["reasoning"] = msg.get("reasoning_content")
+            if single_call and msg.get("tool_calls"):
+                msg["tool_calls"] = msg["tool_calls"][:1]
             self._remember(msg.get("reasoning_content"), [c["id"] for c in msg.get("tool_calls") or [] if c.get("id")])
             for key in ("hidden_states", "prompt_token_ids", "response_token_ids", "meta_info", "matched_stop"):
                 if choice.get(key) is None:
                     choice.pop(key, None)
         return data
 
-    async def _rewrite_stream(self, chunks: AsyncIterator[Any]) -> AsyncIterator[str]:
-        """Add `reasoning` beside `reasoning_content`, remember tool-call reasoning, always end with [DONE]."""
+    async def _rewrite_stream(self, chunks: AsyncIterator[Any], single_call: bool) -> AsyncIterator[str]:
+        """Add `reasoning` beside `reasoning_content`, remember tool-call reasoning, drop calls after the
+        first with parallel_tool_calls=false, always end with [DONE]."""
         reasoning: dict[int, list[str]] = {}
         call_ids: dict[int, list[str]] = {}
         done = False
@@ -262,7 +270,9 @@ class DSV4ServingChat(OpenAIServingChat):
                 if text.startswith("data: [DONE]"):
                     done = True
                 elif text.startswith("data: {"):
-                    text = self._rewrite_chunk(text, reasoning, call_ids)
+                    text = self._rewrite_chunk(text, reasoning, call_ids, single_call)
+                    if not text:
+                        continue
                 yield text
         except Exception as e:  # an internal error mid-stream: report it in-band, never hang the client
             logger.exception("chat stream failed")
@@ -274,7 +284,9 @@ class DSV4ServingChat(OpenAIServingChat):
             yield "data: [DONE]\n\n"
 
     @staticmethod
-    def _rewrite_chunk(text: str, reasoning: dict[int, list[str]], call_ids: dict[int, list[str]]) -> str:
+    def _rewrite_chunk(text: str, reasoning: dict[int, list[str]], call_ids: dict[int, list[str]],
+                       single_call: bool) -> str:
+        """The rewritten SSE event ("" to drop it)."""
         try:
             data = json.loads(text[len("data: "):])
         except ValueError:
@@ -288,7 +300,13 @@ class DSV4ServingChat(OpenAIServingChat):
                 changed = True
                 if delta["reasoning_content"]:
                     reasoning.setdefault(index, []).append(delta["reasoning_content"])
-            for call in delta.get("tool_calls") or []:
+            calls = delta.get("tool_calls") or []
+            if single_call and any(c.get("index", 0) > 0 for c in calls):
+                delta["tool_calls"] = calls = [c for c in calls if c.get("index", 0) == 0]
+                changed = True
+                if not calls and not delta.get("content") and not delta.get("reasoning_content"):
+                    return ""
+            for call in calls:
                 if call.get("id"):
                     call_ids.setdefault(index, []).append(call["id"])
         if not changed:

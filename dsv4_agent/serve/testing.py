@@ -166,3 +166,40 @@ def scripted_server(work_dir: str | Path, args: list[str] | None = None) -> tupl
     write_script(script, [])
     model = build_scripted_model(work / "model", script)
     return ServerProcess(["--model-path", str(model), *(args or [])]), script
+
+
+class ScriptedServer:
+    """A running scripted-model server whose rules tests replace with `script(rules)` (one server, many
+    tests: the model re-reads the script file at the next request)."""
+
+    def __init__(self, work_dir: str | Path, args: list[str] | None = None):
+        self.process, self.script_path = scripted_server(work_dir, args)
+        self.model_dir = Path(work_dir) / "model"
+        self._base_url = self.process.base_url
+
+    @classmethod
+    def attach(cls, base_url: str, work_dir: str | Path) -> ScriptedServer:
+        """A handle on a scripted server already running from `work_dir` (not stopped by `stop`)."""
+        self = cls.__new__(cls)
+        self.process, self._base_url = None, base_url.rstrip("/")
+        self.script_path = Path(work_dir) / "script.json"
+        self.model_dir = Path(work_dir) / "model"
+        with urllib.request.urlopen(self._base_url + "/v1/models", timeout=10) as r:
+            self.model = json.loads(r.read())["data"][0]["id"]
+        return self
+
+    @property
+    def base_url(self) -> str:
+        return self._base_url
+
+    def script(self, rules: list[dict[str, str]], seed: int = 0) -> None:
+        write_script(self.script_path, rules, seed)
+
+    def start(self) -> ScriptedServer:
+        self.process.start()
+        self.model = self.process.model_name()
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.stop()

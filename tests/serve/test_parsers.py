@@ -1,0 +1,145 @@
+"""The SGLang-facing detectors: stream == non-stream under any chunking, no markup in text, swallow mode."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+pytest.importorskip("sglang")
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from sglang.srt.entrypoints.openai.protocol import Function, Tool  # noqa: E402
+from sglang.srt.function_call.function_call_parser import FunctionCallParser  # noqa: E402
+from sglang.srt.parser.reasoning_parser import ReasoningParser  # noqa: E402
+
+from dsv4_agent.serve import REASONING_PARSER, TOOL_PARSER  # noqa: E402
+from dsv4_agent.serve.plugin import ENABLE_ENV, register  # noqa: E402
+
+D = "｜DSML｜"
+TOOLS = [Tool(function=Function(name=n, parameters={"type": "object", "properties": {}})) for n in ("get_weather", "add")]
+
+
+def _call(name: str, params: list[tuple[str, str, bool]]) -> str:
+    body = "".join(f'<{D}parameter name="{k}" string="{"true" if s else "false"}">{v}</{D}parameter>\n'
+                   for k, v, s in params)
+    return f'<{D}invoke name="{name}">\n{body}</{D}invoke>\n'
+
+
+def _block(*calls: str) -> str:
+    return f"\n\n<{D}tool_calls>\n" + "".join(calls) + f"</{D}tool_calls>"
+
+
+TWO_CALLS = "Checking both." + _block(_call("get_weather", [("city", "Paris", True), ("days", "3", False)]),
+                                      _call("add", [("a", "1", False), ("b", "[1, 2]", False)]))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def registered():
+    old = os.environ.get(ENABLE_ENV)
+    os.environ[ENABLE_ENV] = "1"
+    register()
+    yield
+    if old is None:
+        os.environ.pop(ENABLE_ENV, None)
+
+
+def _stream(text: str, cuts: list[int], tools: list[Tool]) -> tuple[str, dict[int, dict[str, str]]]:
+    parser = FunctionCallParser(tools, TOOL_PARSER)
+    pieces, prev = [], 0
+    for c in sorted(set(cuts)) + [len(text)]:
+        pieces.append(text[prev:c])
+        prev = c
+    content, calls = [], {}
+    for piece in pieces:
+        normal, items = parser.parse_stream_chunk(piece)
+        content.append(normal)
+        for it in items:
+            call = calls.setdefault(it.tool_index, {"name": "", "arguments": ""})
+            call["name"] += it.name or ""
+            call["arguments"] += it.parameters
+    normal, items = parser.parse_stream_end()
+    content.append(normal)
+    for it in items:
+        call = calls.setdefault(it.tool_index, {"name": "", "arguments": ""})
+        call["name"] += it.name or ""
+        call["arguments"] += it.parameters
+    return "".join(content), calls
+
+
+def test_non_stream_two_calls():
+    parser = FunctionCallParser(TOOLS, TOOL_PARSER)
+    assert parser.has_tool_call(TWO_CALLS)
+    text, calls = parser.parse_non_stream(TWO_CALLS)
+    assert text == "Checking both."
+    assert [c.name for c in calls] == ["get_weather", "add"]
+    assert [json.loads(c.parameters) for c in calls] == [{"city": "Paris", "days": 3}, {"a": 1, "b": [1, 2]}]
+    assert [c.tool_index for c in calls] == [0, 1]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.integers(min_value=0, max_value=len(TWO_CALLS)), max_size=12))
+def test_stream_equals_non_stream_any_chunking(cuts):
+    text, calls = _stream(TWO_CALLS, cuts, TOOLS)
+    assert text == "Checking both."
+    assert D not in text and "DSML" not in text
+    assert [calls[i]["name"] for i in sorted(calls)] == ["get_weather", "add"]
+    assert [json.loads(calls[i]["arguments"]) for i in sorted(calls)] == [{"city": "Paris", "days": 3},
+                                                                          {"a": 1, "b": [1, 2]}]
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.sampled_from([*'ab<>/|｜DSML\n "=', D, "tool_calls", "invoke", "parameter"]),
+                max_size=40).map("".join),
+       st.lists(st.integers(min_value=0, max_value=80), max_size=6))
+def test_no_markup_reaches_text_on_garbage(text, cuts):
+    cuts = [c for c in cuts if c <= len(text)]
+    content, _ = _stream(text, cuts, TOOLS)
+    assert D not in content
+    parser = FunctionCallParser(TOOLS, TOOL_PARSER)
+    normal, _ = parser.parse_non_stream(text)
+    assert D not in normal
+
+
+def test_without_tools_markup_is_swallowed():
+    parser = FunctionCallParser([], TOOL_PARSER)
+    text, calls = parser.parse_non_stream(TWO_CALLS)
+    assert (text, calls) == ("Checking both.", [])
+    content, calls = _stream(TWO_CALLS, [3, 20, 40], [])
+    assert (content, calls) == ("Checking both.", {})
+
+
+def test_truncated_call_is_not_returned():
+    cut = TWO_CALLS[: TWO_CALLS.index("</｜DSML｜invoke>")]
+    parser = FunctionCallParser(TOOLS, TOOL_PARSER)
+    text, calls = parser.parse_non_stream(cut)
+    assert calls == [] and D not in text
+
+
+@pytest.mark.parametrize("cuts", [[], [1], [5, 9], list(range(0, 60, 3))])
+def test_reasoning_split_stream_and_non_stream(cuts):
+    text = "I should call a tool.</think>" + TWO_CALLS
+    one = ReasoningParser(REASONING_PARSER, stream_reasoning=False, force_reasoning=True)
+    reasoning, normal = one.parse_non_stream(text)
+    assert reasoning == "I should call a tool." and normal == TWO_CALLS
+    streamed = ReasoningParser(REASONING_PARSER, stream_reasoning=True, force_reasoning=True)
+    parts_r, parts_n, prev = [], [], 0
+    for c in sorted(set(cuts)) + [len(text)]:
+        r, n = streamed.parse_stream_chunk(text[prev:c])
+        parts_r.append(r or "")
+        parts_n.append(n or "")
+        prev = c
+    r, n = streamed.parse_stream_end()
+    parts_r.append(r or "")
+    parts_n.append(n or "")
+    assert "".join(parts_r) == reasoning and "".join(parts_n) == normal
+
+
+def test_tool_block_inside_reasoning_ends_it():
+    text = "thinking" + TWO_CALLS
+    reasoning, normal = ReasoningParser(REASONING_PARSER, stream_reasoning=False,
+                                        force_reasoning=True).parse_non_stream(text)
+    assert reasoning == "thinking\n\n" or reasoning == "thinking"
+    assert normal.lstrip("\n").startswith(f"<{D}tool_calls>")

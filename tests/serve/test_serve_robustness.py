@@ -1,0 +1,187 @@
+"""Malformed requests get 4xx naming the field (never 500, never a hung stream); disconnects leave the
+server healthy."""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+import threading
+
+import httpx
+import pytest
+from serve_helpers import TIMEOUT, chat, stream
+
+pytestmark = pytest.mark.server
+
+TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+CALL = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}
+
+
+def _base(model: str) -> dict:
+    return {"model": model, "max_tokens": 4, "tools": [TOOL], "messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "weather?"},
+        {"role": "assistant", "content": "", "tool_calls": [CALL]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+        {"role": "user", "content": "thanks"}]}
+
+
+# (name, mutation of the valid base request, text the error must contain)
+def _mutations(model: str) -> list[tuple[str, dict, str]]:
+    cases: list[tuple[str, dict, str]] = []
+
+    def add(name: str, fn, needle: str = "") -> None:
+        body = _base(model)
+        fn(body)
+        cases.append((name, body, needle))
+
+    for bad in ["wizard", "", "USERS", "function", "root", 7, None, ["user"], {"r": 1}]:
+        add(f"role={bad!r}", lambda b, bad=bad: b["messages"][1].update(role=bad), "role")
+    for bad in [7, 1.5, True, {"text": "x"}, [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}],
+                [{"type": "nope"}], [7]]:
+        add(f"user content={bad!r}", lambda b, bad=bad: b["messages"][1].update(content=bad))
+    add("tool without tool_call_id", lambda b: b["messages"][3].pop("tool_call_id"), "tool_call_id")
+    add("tool_call_id null", lambda b: b["messages"][3].update(tool_call_id=None), "tool_call_id")
+    add("tool_call_id empty", lambda b: b["messages"][3].update(tool_call_id=""), "tool_call_id")
+    add("tool_call_id unknown", lambda b: b["messages"][3].update(tool_call_id="call_zzz"), "tool_call_id")
+    add("tool result first", lambda b: b.update(messages=[b["messages"][3], b["messages"][1]]), "messages[0]")
+    add("tool result without calls", lambda b: b["messages"].pop(2), "messages[")
+    for bad in [None, "x", 7, [], {}, {"name": "f"}, {"arguments": "{}"}]:
+        add(f"tool_call function={bad!r}", lambda b, bad=bad: b["messages"][2].update(
+            tool_calls=[{"id": "call_1", "type": "function", "function": bad}]))
+    for bad in ["[1, 2]", "3", '"str"', "null", "true"]:
+        add(f"arguments={bad}", lambda b, bad=bad: b["messages"][2]["tool_calls"][0]["function"].update(arguments=bad),
+            "arguments")
+    add("tool_calls not a list", lambda b: b["messages"][2].update(tool_calls={"id": "x"}))
+    add("tool_calls items not objects", lambda b: b["messages"][2].update(tool_calls=["call"]))
+    add("messages missing", lambda b: b.pop("messages"), "messages")
+    add("messages empty", lambda b: b.update(messages=[]), "essages")
+    for bad in [None, "hello", 7, {"role": "user"}, [None], ["hello"], [[]]]:
+        add(f"messages={bad!r}", lambda b, bad=bad: b.update(messages=bad), "messages")
+    for bad in [None, 7, "x", [7], [{"type": "function"}], [{"type": "function", "function": {}}],
+                [{"type": "function", "function": {"name": 7}}],
+                [{"type": "function", "function": {"name": "f", "parameters": "object"}}],
+                [{"type": "function", "function": {"name": "f", "parameters": [1]}}],
+                [{"type": "function", "function": {"name": "f", "parameters": {"type": "nope"}}}],
+                [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": 5}}}],
+                [{"type": "function", "function": {"name": "f", "parameters": {"type": "object",
+                                                                              "required": "city"}}}],
+                [{"type": "function", "function": {"name": "f", "parameters": {"type": "array"}}}],
+                [TOOL, TOOL]]:
+        add(f"tools={json.dumps(bad)[:60]}", lambda b, bad=bad: b.update(tools=bad))
+    for bad in ["sometimes", 7, {"type": "function"}, {"type": "function", "function": {"name": "nope"}},
+                {"type": "function", "function": {}}, {"function": {"name": 7}}, ["auto"]]:
+        add(f"tool_choice={bad!r}", lambda b, bad=bad: b.update(tool_choice=bad), "tool_choice")
+    add("required without tools", lambda b: (b.pop("tools"), b.update(tool_choice="required"),
+                                             b["messages"].__delitem__(slice(2, 4))), "tool")
+    add("named without tools", lambda b: (b.pop("tools"), b["messages"].__delitem__(slice(2, 4)), b.update(
+        tool_choice={"type": "function", "function": {"name": "get_weather"}})), "tool")
+    for bad in ["extreme", "HIGHEST", 7, -1, 2.5, True, [], {"x": 1}]:
+        add(f"reasoning_effort={bad!r}", lambda b, bad=bad: b.update(reasoning_effort=bad), "reasoning_effort")
+    for bad in [{"type": "sometimes"}, {"kind": "enabled"}, "on", 7, [True]]:
+        add(f"thinking={bad!r}", lambda b, bad=bad: b.update(thinking=bad), "thinking")
+    for bad in ["yes", 7, [1]]:
+        add(f"chat_template_kwargs.thinking={bad!r}",
+            lambda b, bad=bad: b.update(chat_template_kwargs={"thinking": bad}), "thinking")
+    add("chat_template_kwargs not a dict", lambda b: b.update(chat_template_kwargs=[1]))
+    add("reasoning wrong type", lambda b: b["messages"][2].update(reasoning=7), "reasoning")
+    add("reasoning_content wrong type", lambda b: b["messages"][2].update(reasoning_content=7), "reasoning_content")
+    for key, bad in [("max_tokens", -5), ("max_tokens", 0), ("max_tokens", "many"), ("max_tokens", 10**9),
+                     ("max_completion_tokens", -1), ("temperature", -1.0), ("temperature", "hot"),
+                     ("top_p", 1.5), ("top_p", -0.1), ("top_k", -7), ("n", 0), ("n", "two"), ("stop", 7),
+                     ("stop", [1, 2]), ("logprobs", "yes"), ("top_logprobs", -1), ("presence_penalty", 9.0),
+                     ("frequency_penalty", -9.0), ("seed", "abc"), ("stream", "maybe"), ("parallel_tool_calls", "x"),
+                     ("response_format", {"type": "nope"}), ("response_format", "json"),
+                     ("response_format", {"type": "json_schema"}), ("stream_options", 7), ("logit_bias", [1])]:
+        add(f"{key}={bad!r}", lambda b, key=key, bad=bad: b.update({key: bad}))
+    add("oversized prompt", lambda b: b["messages"][1].update(content="word " * 40000))
+    add("developer content empty", lambda b: b["messages"][0].update(role="developer", content=""))
+    add("assistant tool_call name missing",
+        lambda b: b["messages"][2]["tool_calls"][0]["function"].update(name=""), "name")
+    return cases
+
+
+def _raw_cases() -> list[tuple[str, dict]]:
+    """Bodies that are not a chat request at all (sent as raw bytes)."""
+    return [(name, {"content": body, "headers": headers}) for name, body, headers in [
+        ("empty body", b"", {"content-type": "application/json"}),
+        ("not json", b"{messages: [}", {"content-type": "application/json"}),
+        ("json null", b"null", {"content-type": "application/json"}),
+        ("json list", b"[1, 2]", {"content-type": "application/json"}),
+        ("json string", b'"hi"', {"content-type": "application/json"}),
+        ("truncated json", b'{"messages": [{"role": "user", "content": "hi"', {"content-type": "application/json"}),
+        ("bad utf-8", b'{"messages": [{"role": "user", "content": "\xff\xfe"}]}', {"content-type": "application/json"}),
+        ("form encoded", b"messages=hi", {"content-type": "application/x-www-form-urlencoded"}),
+        ("no content type", b'{"messages": [{"role": "user", "content": "hi"}]}', {}),
+        ("text plain", b'{"messages": [{"role": "user", "content": "hi"}]}', {"content-type": "text/plain"}),
+    ]]
+
+
+def test_fuzz_corpus_yields_only_4xx_and_server_stays_healthy(scripted_server):
+    server = scripted_server
+    server.script([])
+    cases = _mutations(server.model)
+    failures = []
+    count = 0
+    with httpx.Client(base_url=server.base_url, timeout=TIMEOUT) as client:
+        for stream_flag in (False, True):
+            for name, body, needle in cases:
+                body = copy.deepcopy(body)
+                if "stream" not in name:
+                    body["stream"] = stream_flag
+                r = client.post("/v1/chat/completions", json=body)
+                count += 1
+                if not 400 <= r.status_code < 500:
+                    failures.append(f"{name} (stream={stream_flag}): {r.status_code} {r.text[:200]}")
+                elif needle and needle.lower() not in r.text.lower():
+                    failures.append(f"{name}: error does not name {needle!r}: {r.text[:200]}")
+        for name, raw in _raw_cases():
+            r = client.post("/v1/chat/completions", **raw)
+            count += 1
+            if not 400 <= r.status_code < 500:
+                failures.append(f"{name}: {r.status_code} {r.text[:200]}")
+        assert client.get("/health").status_code == 200
+    assert count >= 200
+    assert not failures, "\n".join(failures)
+    ok = chat(server.base_url, {"model": server.model, "messages": [{"role": "user", "content": "hi"}],
+                                "max_tokens": 4})
+    assert ok.status_code == 200
+
+
+def test_concurrent_streams_with_client_disconnects(scripted_server):
+    server = scripted_server
+    server.script([{"when": "long story", "reply": "Once upon a time. " * 60 + "</think>" + "The end. " * 40}])
+    rng = random.Random(5)
+    results: list[str] = []
+
+    def worker(i: int, cut: int | None) -> None:
+        body = {"model": server.model, "messages": [{"role": "user", "content": f"long story {i}"}],
+                "max_tokens": 400, "stream": True}
+        try:
+            with httpx.stream("POST", server.base_url + "/v1/chat/completions", json=body, timeout=TIMEOUT) as r:
+                for n, line in enumerate(r.iter_lines()):
+                    if cut is not None and n >= cut:
+                        results.append("cut")
+                        return  # closing the response drops the connection mid-stream
+                    if line == "data: [DONE]":
+                        results.append("done")
+                        return
+            results.append("no-done")
+        except Exception as e:  # noqa: BLE001 - recorded and asserted below
+            results.append(f"error {e!r}")
+
+    threads = [threading.Thread(target=worker, args=(i, rng.choice([None, 3, 10, 40]) if i % 2 else None))
+               for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not any(t.is_alive() for t in threads)
+    assert set(results) <= {"cut", "done"}, results
+    assert results.count("done") >= 4
+    assert httpx.get(server.base_url + "/health", timeout=30).status_code == 200
+    _, msg = stream(server.base_url, {"model": server.model, "max_tokens": 400,
+                                      "messages": [{"role": "user", "content": "long story again"}]})
+    assert msg["content"].startswith("The end.")
