@@ -75,10 +75,35 @@ def bench_us(fn, rep_ms: int = 200) -> float:
 
 
 def copy_bandwidth_gbs() -> float:
-    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda").random_()
+    src = torch.empty(1 << 31, dtype=torch.uint8, device="cuda").random_()
     dst = torch.empty_like(src)
-    us = graph_time_us([lambda: dst.copy_(src)] * 4)
-    return 2 * src.numel() / us / 1e3
+    return 2 * src.numel() / bench_us(lambda: dst.copy_(src), rep_ms=500) / 1e3
+
+
+def profile_kernels() -> None:
+    """Per-kernel CUDA times of a few ops (torch.profiler), to see where multi-launch ops spend."""
+    from torch.profiler import ProfilerActivity, profile
+
+    n = 1 << 18
+    scores = torch.randn(1, n, device="cuda")
+    n_avail = torch.full((1,), n, device="cuda", dtype=torch.int32)
+    d = 4096
+    x = torch.randn(64, 4, d, device="cuda").bfloat16()
+    fn, scale, base = torch.randn(24, 4 * d, device="cuda") * 0.05, torch.rand(3, device="cuda") + 0.5, \
+        torch.randn(24, device="cuda")
+    s = compressor_case(4, 128, 8192, 1, 0)
+    ops = {"topk512_b1_256K": lambda: topk_indices_triton(scores, n_avail, TOPK),
+           "hc_pre_n64": lambda: hc_pre_triton(x, fn, scale, base),
+           "compress_csa_indexer_8K": lambda: compress_tokens_triton(*compressor_args(s), 4, True, max_seqlen=8192)}
+    for name, op in ops.items():
+        op()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(10):
+                op()
+            torch.cuda.synchronize()
+        print(f"# profile {name} (10 calls)")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=8))
 
 
 def record(op, shape, us, nbytes, copy_gbs, torch_us=None, note=""):
@@ -99,12 +124,15 @@ def model_kv(*shape):
     return torch.cat([fp8_fake_quant(kv[..., :448]), kv[..., 448:]], -1)
 
 
-ATTN_CONFIGS = {  # (block_h, block_n, num_warps, num_stages)
-    "h16n32w4": (16, 32, 4, 2),
-    "h16n64w4": (16, 64, 4, 2),
-    "h32n32w8": (32, 32, 8, 2),
-    "h64n32w8": (64, 32, 8, 2),
-    "h32n64w8s3": (32, 64, 8, 3),
+ATTN_CONFIGS = {  # (block_h, block_n, num_warps, num_stages, num_splits or None = auto)
+    "h16n32w4": (16, 32, 4, 2, None),
+    "h16n32w4s3": (16, 32, 4, 3, None),
+    "h16n32w4sp8": (16, 32, 4, 2, 8),
+    "h16n32w4sp32": (16, 32, 4, 2, 32),
+    "h32n32w4": (32, 32, 4, 2, None),
+    "h32n64w8s3": (32, 64, 8, 3, None),
+    "h64n32w8": (64, 32, 8, 2, None),
+    "h64n64w8": (64, 64, 8, 2, None),
 }
 
 
@@ -135,12 +163,12 @@ def bench_decode_attention(copy_gbs, batches, contexts, sweep):
                 cmp = pools[kind]
 
                 def call(s, cfg):
-                    bh, bn, w, st = cfg
+                    bh, bn, w, st, sp = cfg
                     return lambda: sparse_attn_triton(s["q"], s["sink"], s["ring"][kind], s["start"], s["end"], cmp,
                                                       s["table"], s["idx"], s["q_seq"], block_h=bh, block_n=bn,
-                                                      num_warps=w, num_stages=st)
+                                                      num_warps=w, num_stages=st, num_splits=sp)
 
-                configs = ATTN_CONFIGS if sweep else {"default": (16, 32, 4, 2)}
+                configs = ATTN_CONFIGS if sweep else {"default": (16, 32, 4, 2, None)}
                 best = None
                 for name, cfg in configs.items():
                     try:
@@ -301,9 +329,10 @@ def main(argv: list[str] | None = None) -> int:
         "attn": lambda: bench_decode_attention(copy_gbs, [1, 8, 64] if args.quick else [1, 2, 8, 32, 64],
                                                [131072] if args.quick else [8192, 1 << 20], args.sweep),
         "indexer": lambda: bench_indexer(copy_gbs, [1, 64] if args.quick else [1, 8, 64],
-                                         [8192, 131072] if args.quick else [8192, 131072, 1 << 20]),
+                                         [131072, 1 << 20] if args.quick else [8192, 131072, 1 << 20]),
         "compressor": lambda: bench_compressor(copy_gbs, args.quick),
         "mhc": lambda: bench_mhc(copy_gbs),
+        "profile": profile_kernels,
     }
     for name in args.only.split(","):
         try:

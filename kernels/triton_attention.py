@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from .numerics import FP8_BLOCK, KV_FP8_ROPE_OFFSET, KV_FP8_SCALE_OFFSET, NOPE_DIM
-from .triton_utils import INTERPRET, dot, round_bf16
+from .triton_utils import INTERPRET, dot, num_sms, round_bf16
 
 LOG2E = 1.4426950408889634
 
@@ -26,22 +26,17 @@ def _load_kv_tile(base_ptr, rows, valid, stride_row, D: tl.constexpr, BLOCK_N: t
     """Rows `rows` [BLOCK_N] of a KV source as a bf16 tile [BLOCK_N, D]; invalid rows read as 0."""
     row_ptr = base_ptr + rows.to(tl.int64) * stride_row
     if FP8:
-        # View the 512 dims as [D // BLK, BLK]: blocks < NOPE // BLK are e4m3 * 2**(ue8m0 - 127),
-        # the last block is the bf16 rope part.
-        NB: tl.constexpr = D // BLK
-        blk = tl.arange(0, NB)[None, :, None]
-        e = tl.arange(0, BLK)[None, None, :]
-        is_nope = blk < NOPE // BLK
-        v3 = valid[:, None, None]
-        codes = tl.load(row_ptr[:, None, None] + blk * BLK + e, mask=v3 & is_nope, other=0)
-        nope = codes.to(tl.float8e4nv, bitcast=True).to(tl.float32)
-        blk2 = tl.arange(0, NB)[None, :]
-        sc = tl.load(row_ptr[:, None] + SCALE_OFF + blk2, mask=valid[:, None] & (blk2 < NOPE // BLK), other=127)
-        scale = (sc.to(tl.int32) << 23).to(tl.float32, bitcast=True)  # 2**(code - 127), exact
+        # dims < NOPE: e4m3 code * 2**(ue8m0 of its 64-block - 127); the rest: the bf16 rope part
+        offs_d = tl.arange(0, D)[None, :]
+        nope = offs_d < NOPE
+        v2 = valid[:, None]
+        codes = tl.load(row_ptr[:, None] + offs_d, mask=v2 & nope, other=0)
+        sc = tl.load(row_ptr[:, None] + SCALE_OFF + offs_d // BLK, mask=v2 & nope, other=127)
+        scale = (sc.to(tl.int32) << 23).to(tl.float32, bitcast=True)  # exact power of two
         rope_ptr = (row_ptr + ROPE_OFF).to(tl.pointer_type(tl.bfloat16))
-        rope = tl.load(rope_ptr[:, None, None] + e + 0 * blk, mask=v3 & (blk == NB - 1), other=0.0)
-        kv3 = tl.where(is_nope, nope * scale[:, :, None], rope.to(tl.float32))
-        return tl.reshape(kv3, (BLOCK_N, D)).to(tl.bfloat16)
+        rope = tl.load(rope_ptr[:, None] + (offs_d - NOPE), mask=v2 & ~nope, other=0.0)
+        kv = tl.where(nope, codes.to(tl.float8e4nv, bitcast=True).to(tl.float32) * scale, rope.to(tl.float32))
+        return kv.to(tl.bfloat16)
     else:
         offs_d = tl.arange(0, D)
         return tl.load(row_ptr[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
@@ -143,15 +138,9 @@ def _combine_splits_kernel(part_acc_ptr, part_ml_ptr, sink_ptr, out_ptr, stride_
     tl.store(out_ptr + t.to(tl.int64) * stride_ot + h * stride_oh + offs_d, round_bf16(o).to(out_ptr.dtype.element_ty))
 
 
-def _num_sm(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
-
-
 def pick_splits(n_programs: int, max_keys: int, block_n: int, device: torch.device) -> int:
     """Splits of the key list so that about two waves of programs fill the GPU (power of two)."""
-    want = max(1, (2 * _num_sm(device)) // max(n_programs, 1))
+    want = max(1, (2 * num_sms(device)) // max(n_programs, 1))
     blocks = max(1, triton.cdiv(max_keys, block_n))
     splits = 1
     while splits * 2 <= min(want, blocks):

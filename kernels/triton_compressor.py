@@ -10,12 +10,14 @@ the entries so that rows still needed by them are not overwritten first.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-from .numerics import FP4_BLOCK, FP8_BLOCK, KV_FP8_ROPE_OFFSET, KV_FP8_SCALE_OFFSET, ROPE_DIM
-from .triton_utils import round_bf16
+from .numerics import FP4_BLOCK, FP8_BLOCK, KV_FP8_ROPE_OFFSET, KV_FP8_SCALE_OFFSET, ROPE_DIM, hadamard_matrix
+from .triton_utils import INTERPRET, dot, round_bf16
 
 
 @triton.jit
@@ -52,10 +54,10 @@ def _round_e2m1(v):
 def _compress_entry_kernel(
     kv_ptr, score_ptr, stride_tok, ape_ptr, norm_w_ptr, inv_freq_ptr,
     cu_ptr, start_ptr, st_kv_ptr, st_score_ptr, stride_slot, stride_strow, slot_ptr,
-    out_ptr, stride_page, stride_pslot, page_size, pt_ptr, stride_pt, eps,
+    out_ptr, stride_page, stride_pslot, page_size, pt_ptr, stride_pt, had_ptr, eps,
     RATIO: tl.constexpr, KAPPA: tl.constexpr, C: tl.constexpr, ROWS: tl.constexpr,
     INDEXER: tl.constexpr, PACK_FP8: tl.constexpr, ROPE: tl.constexpr, QB: tl.constexpr,
-    ROPE_OFF: tl.constexpr, SCALE_OFF: tl.constexpr,
+    ROPE_OFF: tl.constexpr, SCALE_OFF: tl.constexpr, INTERP: tl.constexpr,
 ):
     b = tl.program_id(0)
     tok0 = tl.load(cu_ptr + b)
@@ -111,13 +113,11 @@ def _compress_entry_kernel(
         page = tl.load(pt_ptr + b.to(tl.int64) * stride_pt + i // page_size).to(tl.int64)
         dst = out_ptr + page * stride_page + (i % page_size).to(tl.int64) * stride_pslot
         if INDEXER:
-            # Hadamard rotation: y[j] = sum_k x[k] (-1)^popcount(k & j) / sqrt(C)
-            parity = tl.arange(0, C)[:, None] & ch[None, :]
-            parity ^= parity >> 8
-            parity ^= parity >> 4
-            parity ^= parity >> 2
-            parity = (parity ^ (parity >> 1)) & 1
-            y = tl.sum(tl.where(parity == 0, x[:, None], -x[:, None]), 0) * (C ** -0.5)
+            # Hadamard rotation y = x H / sqrt(C) on the tensor cores: x is bf16-exact and H is +-1, so
+            # the products are exact (rows of the broadcast operand are identical; max picks one)
+            hmat = tl.load(had_ptr + tl.arange(0, C)[:, None] * C + ch[None, :])
+            xb = tl.broadcast_to(x.to(tl.bfloat16)[None, :], (16, C))
+            y = tl.max(dot(xb, hmat, INTERP), 0) * (C ** -0.5)
             y = tl.reshape(round_bf16(y), (C // QB, QB))
             scale, _ = _pow2_ceil(tl.maximum(tl.max(tl.abs(y), 1), 6.0 * 2.0 ** -126) / 6.0)
             q = _round_e2m1(tl.minimum(tl.maximum(y / scale[:, None], -6.0), 6.0)) * scale[:, None]
@@ -162,6 +162,11 @@ def _state_append_kernel(kv_ptr, score_ptr, stride_tok, ape_ptr, cu_ptr, start_p
         tl.store(st_score_ptr + dst, s)
 
 
+@functools.cache
+def _hadamard_bf16(n: int, device: torch.device) -> torch.Tensor:
+    return hadamard_matrix(n, device).to(torch.bfloat16)
+
+
 def compress_tokens_triton(kv, score, ape, norm_weight, inv_freq, cu_seqlens, start_pos, state_kv, state_score,
                            state_slot, out, page_table, ratio, indexer=False, eps=1e-6, max_seqlen=None, *,
                            rows=8, num_warps=4):
@@ -179,9 +184,11 @@ def compress_tokens_triton(kv, score, ape, norm_weight, inv_freq, cu_seqlens, st
     _compress_entry_kernel[(n_seq, triton.cdiv(max_seqlen, ratio))](
         kv, score, kv.stride(0), ape, norm_weight, inv_freq,
         cu_seqlens, start_pos, state_kv, state_score, state_kv.stride(0), state_kv.stride(1), state_slot,
-        out, out.stride(0), out.stride(1), out.shape[1], page_table, page_table.stride(0), eps,
+        out, out.stride(0), out.stride(1), out.shape[1], page_table, page_table.stride(0),
+        _hadamard_bf16(kc // kappa, kv.device) if indexer else norm_weight, eps,
         RATIO=ratio, KAPPA=kappa, C=kc // kappa, ROWS=rows, INDEXER=indexer, PACK_FP8=pack, ROPE=ROPE_DIM,
         QB=FP4_BLOCK if indexer else FP8_BLOCK, ROPE_OFF=KV_FP8_ROPE_OFFSET, SCALE_OFF=KV_FP8_SCALE_OFFSET,
+        INTERP=INTERPRET,
         num_warps=num_warps,
     )
     _state_append_kernel[(n_seq, kappa * ratio)](

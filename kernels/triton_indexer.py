@@ -7,8 +7,8 @@ Top-k is a radix select on the order-preserving uint32 image of the fp32 scores,
 1. histogram of the top 11 bits over all available scores (many programs, atomics per bin);
 2. each program finds the threshold bin from the histogram, writes the indices of scores in higher
    bins straight to the output and appends those in the threshold bin to a candidate list;
-3. one program per query refines the candidates over the remaining 21 bits (3 rounds of 7 bits),
-   emits the winners, takes exact ties in list order, and pads with -1.
+3. one program per query refines the candidates over the remaining 21 bits (3 rounds of 7 bits; in
+   registers when they fit one tile), emits the winners, takes exact ties in list order, pads with -1.
 """
 
 from __future__ import annotations
@@ -47,17 +47,12 @@ def _index_scores_kernel(
         slot = e % page_size
         if FP8:
             # page bytes: [page_size, DI] e4m3 codes, then [page_size, DI // SB] ue8m0 exponents
-            NB: tl.constexpr = DI // SB
-            page_ptr = keys_ptr + page * stride_page
-            blk = tl.arange(0, NB)[None, :, None]
-            el = tl.arange(0, SB)[None, None, :]
-            codes = tl.load(page_ptr[:, None, None] + slot[:, None, None] * DI + blk * SB + el,
-                            mask=valid[:, None, None], other=0)
-            sc = tl.load(page_ptr[:, None] + page_size * DI + slot[:, None] * NB + tl.arange(0, NB)[None, :],
+            page_ptr = (keys_ptr + page * stride_page)[:, None]
+            codes = tl.load(page_ptr + slot[:, None] * DI + offs_d[None, :], mask=valid[:, None], other=0)
+            sc = tl.load(page_ptr + page_size * DI + slot[:, None] * (DI // SB) + offs_d[None, :] // SB,
                          mask=valid[:, None], other=127)
             scale = (sc.to(tl.int32) << 23).to(tl.float32, bitcast=True)
-            k3 = codes.to(tl.float8e4nv, bitcast=True).to(tl.float32) * scale[:, :, None]
-            k = tl.reshape(k3, (BLOCK_N, DI)).to(tl.bfloat16)
+            k = (codes.to(tl.float8e4nv, bitcast=True).to(tl.float32) * scale).to(tl.bfloat16)
         else:
             rows = page * page_size + slot
             k = tl.load(keys_ptr + rows[:, None] * stride_page + offs_d[None, :], mask=valid[:, None], other=0.0)
@@ -144,6 +139,15 @@ def _topk_split_kernel(scores_ptr, stride_s, n_avail_ptr, n_cols, k, hist_ptr, s
 
 
 @triton.jit
+def _load_cand_keys(scores_ptr, stride_s, cand_ptr, stride_c, row64, c0, n_cand, BLOCK: tl.constexpr):
+    offs = c0 + tl.arange(0, BLOCK)
+    m = offs < n_cand
+    ci = tl.load(cand_ptr + row64 * stride_c + offs, mask=m, other=0)
+    key = _ordered_key(tl.load(scores_ptr + row64 * stride_s + ci, mask=m, other=0.0))
+    return ci, key, m
+
+
+@triton.jit
 def _topk_finish_kernel(scores_ptr, stride_s, n_avail_ptr, n_cols, k, hist_ptr, stride_hist,
                         out_ptr, stride_o, cand_ptr, stride_c,
                         BLOCK: tl.constexpr, TOP_BITS: tl.constexpr, SUB_BITS: tl.constexpr):
@@ -158,47 +162,57 @@ def _topk_finish_kernel(scores_ptr, stride_s, n_avail_ptr, n_cols, k, hist_ptr, 
     need = kk - above  # winners still to take from the candidates
     prefix = thr.to(tl.uint32)  # known top bits of the k-th largest key
     pos = above
-    offs = tl.arange(0, BLOCK)
     out_row = out_ptr + row64 * stride_o
-    for r in tl.static_range(3):
-        shift = 32 - TOP_BITS - (r + 1) * SUB_BITS  # constexpr: r is a static_range index
-        h = tl.zeros([1 << SUB_BITS], tl.int32)
-        for c0 in range(0, n_cand, BLOCK):
-            m = c0 + offs < n_cand
-            ci = tl.load(cand_ptr + row64 * stride_c + c0 + offs, mask=m, other=0)
-            key = _ordered_key(tl.load(scores_ptr + row64 * stride_s + ci, mask=m, other=0.0))
+    SUB_MASK: tl.constexpr = (1 << SUB_BITS) - 1
+    if n_cand <= BLOCK:
+        # common case: all candidates fit one tile; refine the threshold key in registers
+        ci, key, m = _load_cand_keys(scores_ptr, stride_s, cand_ptr, stride_c, row64, 0, n_cand, BLOCK)
+        for r in tl.static_range(3):
+            shift = 32 - TOP_BITS - (r + 1) * SUB_BITS  # constexpr: r is a static_range index
             match = m & ((key >> (shift + SUB_BITS)) == prefix)
-            h += tl.histogram(((key >> shift) & ((1 << SUB_BITS) - 1)).to(tl.int32), 1 << SUB_BITS, mask=match)
-        sub_thr, sub_above = _threshold(h, need, 1 << SUB_BITS)
-        sub_thr = tl.maximum(sub_thr, 0)
-        for c0 in range(0, n_cand, BLOCK):
-            m = c0 + offs < n_cand
-            ci = tl.load(cand_ptr + row64 * stride_c + c0 + offs, mask=m, other=0)
-            key = _ordered_key(tl.load(scores_ptr + row64 * stride_s + ci, mask=m, other=0.0))
-            sub = ((key >> shift) & ((1 << SUB_BITS) - 1)).to(tl.int32)
-            sel = m & ((key >> (shift + SUB_BITS)) == prefix) & (sub > sub_thr)
-            tl.store(out_row + pos + tl.cumsum(sel.to(tl.int32), 0) - 1, ci, mask=sel)
-            pos += tl.sum(sel.to(tl.int32), 0)
-        need -= sub_above
-        prefix = (prefix << SUB_BITS) | sub_thr.to(tl.uint32)
-    # exact ties with the k-th key: take the first `need` in candidate order
-    for c0 in range(0, n_cand, BLOCK):
-        m = c0 + offs < n_cand
-        ci = tl.load(cand_ptr + row64 * stride_c + c0 + offs, mask=m, other=0)
-        key = _ordered_key(tl.load(scores_ptr + row64 * stride_s + ci, mask=m, other=0.0))
+            h = tl.histogram(((key >> shift) & SUB_MASK).to(tl.int32), 1 << SUB_BITS, mask=match)
+            sub_thr, sub_above = _threshold(h, need, 1 << SUB_BITS)
+            need -= sub_above
+            prefix = (prefix << SUB_BITS) | tl.maximum(sub_thr, 0).to(tl.uint32)
+        sel = m & (key > prefix)  # strictly above the k-th key
+        tl.store(out_row + pos + tl.cumsum(sel.to(tl.int32), 0) - 1, ci, mask=sel)
+        pos += tl.sum(sel.to(tl.int32), 0)
         tie = m & (key == prefix)
         rank = tl.cumsum(tie.to(tl.int32), 0)
-        sel = tie & (rank <= need)
-        tl.store(out_row + pos + rank - 1, ci, mask=sel)
-        taken = tl.sum(sel.to(tl.int32), 0)
-        pos += taken
-        need -= taken
+        tl.store(out_row + pos + rank - 1, ci, mask=tie & (rank <= need))
+    else:
+        # many candidates (heavy ties): the same refinement, streaming the list from memory
+        for r in tl.static_range(3):
+            shift = 32 - TOP_BITS - (r + 1) * SUB_BITS
+            h = tl.zeros([1 << SUB_BITS], tl.int32)
+            for c0 in range(0, n_cand, BLOCK):
+                ci, key, m = _load_cand_keys(scores_ptr, stride_s, cand_ptr, stride_c, row64, c0, n_cand, BLOCK)
+                match = m & ((key >> (shift + SUB_BITS)) == prefix)
+                h += tl.histogram(((key >> shift) & SUB_MASK).to(tl.int32), 1 << SUB_BITS, mask=match)
+            sub_thr, sub_above = _threshold(h, need, 1 << SUB_BITS)
+            need -= sub_above
+            prefix = (prefix << SUB_BITS) | tl.maximum(sub_thr, 0).to(tl.uint32)
+        for c0 in range(0, n_cand, BLOCK):
+            ci, key, m = _load_cand_keys(scores_ptr, stride_s, cand_ptr, stride_c, row64, c0, n_cand, BLOCK)
+            sel = m & (key > prefix)
+            tl.store(out_row + pos + tl.cumsum(sel.to(tl.int32), 0) - 1, ci, mask=sel)
+            pos += tl.sum(sel.to(tl.int32), 0)
+        for c0 in range(0, n_cand, BLOCK):  # exact ties with the k-th key: the first `need` in list order
+            ci, key, m = _load_cand_keys(scores_ptr, stride_s, cand_ptr, stride_c, row64, c0, n_cand, BLOCK)
+            tie = m & (key == prefix)
+            rank = tl.cumsum(tie.to(tl.int32), 0)
+            sel = tie & (rank <= need)
+            tl.store(out_row + pos + rank - 1, ci, mask=sel)
+            taken = tl.sum(sel.to(tl.int32), 0)
+            pos += taken
+            need -= taken
+    offs = tl.arange(0, BLOCK)
     for c0 in range(kk, k, BLOCK):
         tl.store(out_row + c0 + offs, tl.full([BLOCK], -1, tl.int32), mask=c0 + offs < k)
 
 
 def topk_indices_triton(scores: torch.Tensor, n_avail: torch.Tensor, k: int, *, chunk: int = 4096,
-                        block: int = 1024) -> torch.Tensor:
+                        block: int = 2048) -> torch.Tensor:
     t, n = scores.shape
     out = torch.empty(t, k, device=scores.device, dtype=torch.int32)
     if t == 0 or k == 0:
