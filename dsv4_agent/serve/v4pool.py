@@ -149,6 +149,10 @@ class PageView:
         self.entries, self.index_keys = pool.entries, pool.index_keys
         self._queue = list(reversed(new_pages))
 
+    @property
+    def num_free(self) -> int:
+        return len(self._queue)
+
     def alloc(self) -> int:
         return self._queue.pop()
 

@@ -1,0 +1,102 @@
+"""Exact prefix reuse inside SGLang (issue 6, points 2, 3 and 6): real servers, the tiny V4 model in fp32.
+
+Two servers serve the same embedded tiny checkpoint, one with our radix cache (``v4tail``) and one with
+``--disable-radix-cache``. Multi-turn sessions (each turn's prompt = previous prompt + completion + new
+tokens, like an agent re-sending its history) run interleaved on both; greedy outputs must be identical
+token for token, while the cached server resumes at non-page-aligned, non-4-aligned points and reports
+them in ``cached_tokens``. A plain-PyTorch greedy run of the same model checks one session end to end.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import random
+
+import httpx
+import pytest
+import torch
+
+from dsv4_agent.model import PagePool, Step, load_model
+from dsv4_agent.serve.embedded import ensure_tiny_model
+from dsv4_agent.serve.testing import ServerProcess
+
+pytestmark = pytest.mark.server
+
+COMMON = ["--dtype", "float32", "--max-total-tokens", "4096", "--max-running-requests", "4",
+          "--chunked-prefill-size", "256", "--skip-server-warmup"]
+NEW = 8  # tokens generated per turn
+
+
+@pytest.fixture(scope="module")
+def servers():
+    on = ServerProcess(COMMON + ["--enable-cache-report"])
+    off = ServerProcess(COMMON + ["--disable-radix-cache"])
+    with cf.ThreadPoolExecutor(2) as ex:  # the two startups overlap
+        list(ex.map(lambda s: s.start(), (on, off)))
+    yield on, off
+    on.stop()
+    off.stop()
+
+
+def generate(server: ServerProcess, ids: list[int], n: int = NEW) -> tuple[list[int], int]:
+    r = httpx.post(server.base_url + "/generate", timeout=300, json={
+        "input_ids": ids, "sampling_params": {"temperature": 0, "max_new_tokens": n, "ignore_eos": True}})
+    r.raise_for_status()
+    body = r.json()
+    return body["output_ids"], body["meta_info"]["cached_tokens"]
+
+
+def session(server: ServerProcess, seed: int, first: list[int], growth: list[int]) -> list[tuple[list[int], int, int]]:
+    """Turns (output ids, cached tokens, prompt length); prompt_k = prompt_{k-1} + completion_{k-1} + new tokens."""
+    rng = random.Random(seed)
+    prompt, turns = list(first), []
+    for k, extra in enumerate([0, *growth]):
+        if k:
+            prompt = prompt + turns[-1][0] + [rng.randrange(2, 2000) for _ in range(extra)]
+        out, cached = generate(server, prompt)
+        turns.append((out, cached, len(prompt)))
+    return turns
+
+
+def test_multi_turn_sessions_equal_uncached(servers):
+    on, off = servers
+    rng = random.Random(0)
+    system = [rng.randrange(2, 2000) for _ in range(200)]  # shared "system prompt" (not page-aligned)
+    plans = [  # (seed, first prompt, new tokens per later turn)
+        (1, system + [rng.randrange(2, 2000) for _ in range(101)], [57, 3, 130, 1]),
+        (2, system + [rng.randrange(2, 2000) for _ in range(9)], [250, 77]),
+        (3, system[:150] + [rng.randrange(2, 2000) for _ in range(5)], [1, 1]),
+    ]
+    results = {}
+    for name, server in (("on", on), ("off", off)):
+        with cf.ThreadPoolExecutor(3) as ex:  # interleaved sessions
+            results[name] = list(ex.map(lambda p, s=server: session(s, *p), plans))
+    for s_on, s_off in zip(results["on"], results["off"], strict=True):
+        assert [t[0] for t in s_on] == [t[0] for t in s_off]
+        for k in range(1, len(s_on)):
+            prev_len = s_on[k - 1][2] + NEW - 1  # the last generated token was never fed to the model
+            assert s_on[k][1] >= prev_len, f"turn {k}: cached {s_on[k][1]} < previous prompt+completion {prev_len}"
+        assert all(t[1] == 0 for t in s_off)
+    cached = [t[1] for s in results["on"] for t in s[1:]]
+    assert any(c % 4 and c % 128 for c in cached), cached  # hits at positions not aligned to 4 / 128
+
+
+def test_matches_plain_model(servers):
+    """The served (cached) greedy continuation equals the plain PyTorch model's."""
+    on, _ = servers
+    model = load_model(ensure_tiny_model(), cache=True)
+    torch.set_num_threads(1)
+    rng = random.Random(5)
+    prompt = [rng.randrange(2, 2000) for _ in range(133)]
+    first, _ = generate(on, prompt)
+    second_prompt = prompt + first + [rng.randrange(2, 2000) for _ in range(6)]
+    second, cached = generate(on, second_prompt)
+    assert cached == len(prompt) + NEW - 1
+    for ids, out in ((prompt, first), (second_prompt, second)):
+        seq = model.new_sequence(PagePool(model.config, 8))
+        logits = model.forward([Step(seq, torch.tensor(ids))], numerics="fp32")[0].logits[-1]
+        ref = []
+        for _ in range(NEW):
+            ref.append(int(logits.argmax()))
+            logits = model.forward([Step(seq, torch.tensor(ref[-1:]))], numerics="fp32")[0].logits[-1]
+        assert out == ref
