@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import copy
 
+import pytest
+
 from dsv4_agent.model import DeepSeekV4Config
 from dsv4_agent.serve.embedded import TINY_CONFIG
 
 
-def tiny_config(**overrides) -> DeepSeekV4Config:
-    """The embedded tiny V4 (every mechanism: SWA, CSA, HCA, hash routing, MTP) with optional changes."""
-    hf = copy.deepcopy(TINY_CONFIG)
-    hf.update(overrides)
-    return DeepSeekV4Config.from_hf(hf)
+@pytest.fixture
+def tiny_config():
+    """Factory: the embedded tiny V4 (SWA, CSA, HCA, hash routing, MTP) with optional changes."""
+
+    def make(**overrides) -> DeepSeekV4Config:
+        hf = copy.deepcopy(TINY_CONFIG)
+        hf.update(overrides)
+        return DeepSeekV4Config.from_hf(hf)
+
+    return make

@@ -18,8 +18,6 @@ import torch.multiprocessing as mp
 from dsv4_agent.model import DeepSeekV4Config, PagePool, Step, load_model, save_random_checkpoint
 from dsv4_agent.serve.tp import shard_model
 
-from .conftest import tiny_config
-
 
 def _run(model, prompts: list[list[int]], chunks: list[int]) -> list[torch.Tensor]:
     """Feed every prompt in the given chunk sizes (all sequences batched together), then 3 greedy decodes;
@@ -71,7 +69,7 @@ def _free_port() -> int:
 
 
 @pytest.mark.timeout(300)
-def test_two_ranks_match_one(tmp_path):
+def test_two_ranks_match_one(tmp_path, tiny_config):
     cfg: DeepSeekV4Config = tiny_config()
     ckpt = save_random_checkpoint(cfg, tmp_path / "ckpt", seed=7)
     g = torch.Generator().manual_seed(0)
@@ -93,3 +91,19 @@ def test_two_ranks_match_one(tmp_path):
         assert e.shape == o.shape
         torch.testing.assert_close(o, e, rtol=1e-4, atol=1e-4)
         assert torch.equal(o.argmax(-1), e.argmax(-1))
+
+
+def test_shard_shapes_and_errors(tmp_path, tiny_config):
+    cfg = tiny_config()
+    model = load_model(save_random_checkpoint(cfg, tmp_path / "ckpt", seed=3))
+    full_wq_b = model.layers[1].attn.wq_b.weight.clone()
+    shard_model(model, 1, 2, lambda x: x)
+    attn = model.layers[1].attn
+    assert attn.n_heads == cfg.num_attention_heads // 2 and attn.n_groups == cfg.o_groups // 2
+    half = full_wq_b.shape[0] // 2
+    assert torch.equal(attn.wq_b.weight, full_wq_b[half:])  # rank 1 holds the second block of heads
+    assert attn.wo_b.inner.weight.shape[1] == cfg.o_groups * cfg.o_lora_rank // 2
+    expert = model.layers[1].ffn.inner.experts[0]
+    assert expert.w1.weight.shape[0] == cfg.moe_intermediate_size // 2
+    with pytest.raises(ValueError, match="num_attention_heads"):
+        shard_model(load_model(tmp_path / "ckpt"), 0, 3, lambda x: x)
