@@ -92,6 +92,16 @@ class _Ctx:
     pool: object  # PagePool | None (None for the MTP block, which has no compressed layers)
 
 
+@dataclass
+class _CompressorRun:
+    """A compressor's view of one sequence during a call that extends it to length ``e``."""
+
+    entries: torch.Tensor  # every complete entry [e // m, c]: earlier ones (pages + partial page) and new ones
+    raw_kv: torch.Tensor  # raw rows (content, gate logits incl. ape) of positions [raw_lo, e)
+    raw_score: torch.Tensor
+    raw_lo: int
+
+
 def _emit_window(old: torch.Tensor, buf: torch.Tensor, lo: int, end: int) -> torch.Tensor:
     """Ring [W, c] at length ``end``: ``old`` updated with rows of ``buf`` (positions ``lo ..``) in slot t % W."""
     ring = old.clone()
@@ -103,7 +113,7 @@ def _emit_window(old: torch.Tensor, buf: torch.Tensor, lo: int, end: int) -> tor
     return ring
 
 
-def _gather_entries(pool_t: torch.Tensor | None, pages: list[int], partial: torch.Tensor, start: int,
+def _gather_entries(pool_t: torch.Tensor, pages: list[int], partial: torch.Tensor, start: int,
                     m: int) -> torch.Tensor:
     """Complete entries [start // m, c] at length ``start``: full pages from the pool + the private partial page."""
     per_page = PAGE_SIZE // m
@@ -141,20 +151,20 @@ class Compressor(nn.Module):
         return kv, score
 
     def extend(self, kv: torch.Tensor, score: torch.Tensor, ring_kv: torch.Tensor, ring_score: torch.Tensor,
-               start: int, freqs: torch.Tensor, num: Numerics) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-        """Append n tokens' raw rows at ``start``; returns (new entries [nb, c] for blocks completed by these
-        tokens, the raw rows kv/score of positions [lo, start + n), lo)."""
+               old_entries: torch.Tensor, start: int, freqs: torch.Tensor, num: Numerics) -> _CompressorRun:
+        """Append n tokens' raw rows kv / score [n, k*c] at position ``start`` to a sequence whose raw-row ring
+        is ``ring_kv`` / ``ring_score`` and whose complete entries are ``old_entries`` [start // m, c]."""
         m = self.ratio
         n = kv.shape[0]
         first_block, end_block = start // m, (start + n) // m
-        lo = max(0, m * first_block - m) if self.overlap else m * first_block
-        size = ring_kv.shape[0]
-        old = torch.arange(lo, start, device=kv.device) % size
+        lo = max(0, m * first_block - m) if self.overlap else m * first_block  # oldest row still needed
+        old = torch.arange(lo, start, device=kv.device) % ring_kv.shape[0]
         all_kv = torch.cat([ring_kv[old], kv])
         all_score = torch.cat([ring_score[old], score])
+        run = _CompressorRun(old_entries.to(num.act_dtype), all_kv, all_score, lo)
         nb = end_block - first_block
         if nb <= 0:
-            return kv.new_zeros(0, self.width), all_kv, all_score, lo
+            return run
         a, b = m * first_block - lo, m * end_block - lo
         cur_kv = all_kv[a:b].view(nb, m, -1)
         cur_score = all_score[a:b].view(nb, m, -1)
@@ -171,7 +181,7 @@ class Compressor(nn.Module):
         else:
             pooled = ops.compress_entries(cur_kv, cur_score)
         entries = self.norm(pooled.to(num.act_dtype), num)
-        block_pos = torch.arange(first_block, end_block, device=kv.device) * m  # RoPE at the first token of the entry's block
+        block_pos = torch.arange(first_block, end_block, device=kv.device) * m  # RoPE at the block's first token
         entries = ops.rope_tail(entries, block_pos, freqs)
         if self.rotate:
             entries = ops.hadamard(entries)
@@ -179,7 +189,24 @@ class Compressor(nn.Module):
                 entries = ops.fp4_sim(entries, 32)
         elif num.kv_sim:
             entries = ops.kv_fp8_sim(entries, self.rope_dim)
-        return entries, all_kv, all_score, lo
+        run.entries = torch.cat([run.entries, entries])
+        return run
+
+    def write_pages(self, run: _CompressorRun, pool_t: torch.Tensor, pages: list[int], start: int, end: int) -> None:
+        """Store the pages completed between lengths ``start`` and ``end`` (written once, then immutable)."""
+        per_page = PAGE_SIZE // self.ratio
+        for k in range(start // PAGE_SIZE, end // PAGE_SIZE):
+            pool_t[pages[k]] = run.entries[k * per_page:(k + 1) * per_page].float()
+
+    def tail_at(self, run: _CompressorRun, ring_kv: torch.Tensor, ring_score: torch.Tensor, partial: torch.Tensor,
+                end: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(raw-row ring kv, ring score, private entries of the incomplete page) at length ``end``."""
+        per_page = PAGE_SIZE // self.ratio
+        first = (end // PAGE_SIZE) * per_page
+        page = torch.zeros_like(partial)
+        page[:end // self.ratio - first] = run.entries[first:end // self.ratio].float()
+        return (_emit_window(ring_kv, run.raw_kv, run.raw_lo, end),
+                _emit_window(ring_score, run.raw_score, run.raw_lo, end), page)
 
 
 class Indexer(nn.Module):
@@ -263,32 +290,27 @@ class Attention(nn.Module):
             kpos = qpos[:, None] - self.window + 1 + torch.arange(self.window, device=dev)[None, :]  # [n, W]
             idx = torch.where(kpos >= 0, kpos - w_lo, -1)
             keys = win
-            new_state: dict[str, torch.Tensor] = {}
+            main = index = None
             if self.compressor is not None:
                 m = self.ratio
-                new, raw_kv, raw_score, c_lo = self.compressor.extend(
-                    comp[0][r], comp[1][r], old.comp_kv, old.comp_score, s, self.freqs, num)
-                entries = torch.cat([_gather_entries(ctx.pool.entries.get(self.layer_id), seg.pages, old.entries,
-                                                     s, m).to(num.act_dtype), new])  # [e // m, D]
-                new_state["entries"] = entries
-                new_state["comp"] = (raw_kv, raw_score, c_lo)
+                main = self.compressor.extend(
+                    comp[0][r], comp[1][r], old.comp_kv, old.comp_score,
+                    _gather_entries(ctx.pool.entries[self.layer_id], seg.pages, old.entries, s, m), s, self.freqs, num)
                 n_avail = (qpos + 1) // m  # entries a query at p may use
                 if self.indexer is not None:
-                    inew, iraw_kv, iraw_score, i_lo = self.indexer.compressor.extend(
-                        icomp[0][r], icomp[1][r], old.idx_kv, old.idx_score, s, self.freqs, num)
-                    ikeys = torch.cat([_gather_entries(ctx.pool.index_keys[self.layer_id], seg.pages,
-                                                       old.index_keys, s, 4).to(num.act_dtype), inew])
-                    new_state["index_keys"] = ikeys
-                    new_state["icomp"] = (iraw_kv, iraw_score, i_lo)
-                    scores = ops.indexer_scores(iq[r], iw[r], ikeys, num.act_dtype)
+                    index = self.indexer.compressor.extend(
+                        icomp[0][r], icomp[1][r], old.idx_kv, old.idx_score,
+                        _gather_entries(ctx.pool.index_keys[self.layer_id], seg.pages, old.index_keys, s, 4),
+                        s, self.freqs, num)
+                    scores = ops.indexer_scores(iq[r], iw[r], index.entries, num.act_dtype)
                     sel = ops.indexer_topk(scores, n_avail, self.indexer.topk)
                 else:  # HCA: every available entry
-                    ent = torch.arange(entries.shape[0], device=dev)[None, :]
+                    ent = torch.arange(main.entries.shape[0], device=dev)[None, :]
                     sel = torch.where(ent < n_avail[:, None], ent, -1)
                 idx = torch.cat([idx, torch.where(sel >= 0, sel + win.shape[0], -1)], dim=1)
-                keys = torch.cat([win, entries])
+                keys = torch.cat([win, main.entries])
             out[r] = ops.sparse_attention(q[r], keys, idx, self.attn_sink, self.head_dim**-0.5, num.bf16_probs)
-            self._commit(seg, slot, old, win, w_lo, new_state, ctx)
+            self._commit(seg, slot, old, win, w_lo, main, index, ctx)
 
         o = ops.rope_tail(out, pos, self.freqs, inverse=True)
         o = o.reshape(N, self.n_groups, -1)
@@ -300,39 +322,23 @@ class Attention(nn.Module):
         return self.wo_b(z.flatten(1), num)
 
     def _commit(self, seg: _Segment, slot: int, old: LayerTail, win: torch.Tensor, w_lo: int,
-                new: dict, ctx: _Ctx) -> None:
-        """Write pages completed by this call and emit the layer's tail at every requested length."""
-        if self.compressor is not None:
-            m = self.ratio
-            per_page = PAGE_SIZE // m
-            done_before, done_after = seg.start // PAGE_SIZE, (seg.start + seg.n) // PAGE_SIZE
-            for k in range(done_before, done_after):
-                page = seg.pages[k]
-                ctx.pool.entries[self.layer_id][page] = new["entries"][k * per_page:(k + 1) * per_page].float()
-                if self.indexer is not None:
-                    ctx.pool.index_keys[self.layer_id][page] = new["index_keys"][k * 32:(k + 1) * 32].float()
+                main: _CompressorRun | None, index: _CompressorRun | None, ctx: _Ctx) -> None:
+        """Write the pages this call completed and emit the layer's tail at every requested length."""
+        end_of_call = seg.start + seg.n
+        if main is not None:
+            self.compressor.write_pages(main, ctx.pool.entries[self.layer_id], seg.pages, seg.start, end_of_call)
+        if index is not None:
+            self.indexer.compressor.write_pages(index, ctx.pool.index_keys[self.layer_id], seg.pages, seg.start,
+                                                end_of_call)
         for end in seg.ends:
             lt = LayerTail(window=_emit_window(old.window, win, w_lo, end))
-            if self.compressor is not None:
-                raw_kv, raw_score, c_lo = new["comp"]
-                lt.comp_kv = _emit_window(old.comp_kv, raw_kv, c_lo, end)
-                lt.comp_score = _emit_window(old.comp_score, raw_score, c_lo, end)
-                lt.entries = _partial_page(old.entries, new["entries"], end, self.ratio)
-            if self.indexer is not None:
-                raw_kv, raw_score, c_lo = new["icomp"]
-                lt.idx_kv = _emit_window(old.idx_kv, raw_kv, c_lo, end)
-                lt.idx_score = _emit_window(old.idx_score, raw_score, c_lo, end)
-                lt.index_keys = _partial_page(old.index_keys, new["index_keys"], end, 4)
+            if main is not None:
+                lt.comp_kv, lt.comp_score, lt.entries = self.compressor.tail_at(
+                    main, old.comp_kv, old.comp_score, old.entries, end)
+            if index is not None:
+                lt.idx_kv, lt.idx_score, lt.index_keys = self.indexer.compressor.tail_at(
+                    index, old.idx_kv, old.idx_score, old.index_keys, end)
             seg.new_tails.setdefault(end, []).append(lt)
-
-
-def _partial_page(old: torch.Tensor, entries: torch.Tensor, end: int, m: int) -> torch.Tensor:
-    """Private entries of the incomplete page at length ``end`` (entry i in slot i % (PAGE_SIZE / m))."""
-    per_page = PAGE_SIZE // m
-    first = (end // PAGE_SIZE) * per_page
-    buf = torch.zeros_like(old)
-    buf[:end // m - first] = entries[first:end // m].float()
-    return buf
 
 
 # ---------------------------------------------------------------------------------------------------------
