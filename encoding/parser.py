@@ -223,11 +223,12 @@ def assemble(events: Iterable[Event]) -> dict[str, Any]:
 
 _TEXT, _BLOCK, _INVOKE_HEADER, _PARAMS, _PARAM_HEADER, _VALUE, _END = range(7)
 _TEXT_TRIGGER = re.compile("[<\n｜|]")
-# `｜DSML｜` with each pipe fullwidth or ASCII; a tag is `<` or `</`, the marker, an identifier.
-_D_RE = re.compile("[｜|]DSML[｜|]")
-_D_PREFIX_RE = re.compile("[｜|](?:D(?:S(?:M(?:L)?)?)?)?\\Z")
-_TAG_RE = re.compile("<(/?)[｜|]DSML[｜|]([A-Za-z_]{0,40})")
-_TAG_PREFIX_RE = re.compile("</?(?:[｜|](?:D(?:S(?:M(?:L)?)?)?)?)?\\Z")
+# `｜DSML｜` with each pipe fullwidth or ASCII, single or doubled (variants seen from some serving
+# stacks); a tag is `<` or `</`, the marker, an identifier.
+_D_RE = re.compile("[｜|]{1,2}DSML[｜|]{1,2}")
+_D_PREFIX_RE = re.compile("[｜|]{1,2}(?:D(?:S(?:M(?:L)?)?)?)?\\Z")
+_TAG_RE = re.compile("<(/?)[｜|]{1,2}DSML[｜|]{1,2}([A-Za-z_]{0,40})")
+_TAG_PREFIX_RE = re.compile("</?(?:[｜|]{1,2}(?:D(?:S(?:M(?:L)?)?)?)?)?\\Z")
 _WS = " \t\r\n"
 _LITERALS = (EOS, BOS, THINK_OPEN, THINK_CLOSE)
 _MAX_HEADER = 512
@@ -354,7 +355,7 @@ class StreamParser:
         buf, n = self._buf, len(self._buf)
         m = _TAG_RE.match(buf, p)
         if m is None:
-            return _NEED if not final and n - p < 9 and _TAG_PREFIX_RE.match(buf, p) else None
+            return _NEED if not final and n - p < 10 and _TAG_PREFIX_RE.match(buf, p) else None
         if m.end() == n and not final:
             return _NEED  # the identifier (or the `>` after it) may go on
         return m.group(1) == "/", m.group(2), m.end()
@@ -405,8 +406,10 @@ class StreamParser:
         """At a pipe: the end of a bare D marker / _NEED / None (partial at the end: 'partial')."""
         m = _D_RE.match(self._buf, p)
         if m is not None:
+            if m.end() == len(self._buf) and not final:
+                return _NEED  # a doubled closing pipe may follow
             return m.end()
-        if len(self._buf) - p < 6 and _D_PREFIX_RE.match(self._buf, p):
+        if len(self._buf) - p < 7 and _D_PREFIX_RE.match(self._buf, p):
             return "partial" if final else _NEED
         return None
 

@@ -40,7 +40,7 @@ def assistant_messages(draw, thinking: bool) -> dict:
 FRAGMENTS = [
     "a", "b", " ", "\n", "\n\n", "<", ">", "/", "|", "｜", "DSML", "think", "é", "中", "😀", '"', "=",
     EOS, BOS, THINK_OPEN, THINK_CLOSE, f"<{DSML}", f"</{DSML}", "<|DSML|", "</|DSML|", DSML, "|DSML|",
-    "tool_calls>", "toolcalls>", "invoke", " name=\"f\">", "parameter", ' name="k" string="true">',
+    "｜｜DSML｜｜", "||", "tool_calls>", "toolcalls>", "invoke", " name=\"f\">", "parameter", ' name="k" string="true">',
     ' string="false">', "parameter>", "invoke>", "[1,2]", "hello", "<｜end▁of", "<｜User｜>",
 ]
 free_text = st.lists(st.sampled_from(FRAGMENTS), max_size=40).map("".join)
@@ -54,6 +54,8 @@ def _mutate(text: str, kind: str, draw) -> str:
         return text.replace(EOS, "")
     if kind == "ascii_pipes":
         return text.replace(DSML, ASCII_DSML)
+    if kind == "doubled_pipes":
+        return text.replace(DSML, "｜｜DSML｜｜")
     if kind == "bare_invoke":
         return text.replace(f"<{DSML}tool_calls>\n", "").replace(f"\n</{DSML}tool_calls>", "")
     if kind == "one_lf":
@@ -65,10 +67,11 @@ def _mutate(text: str, kind: str, draw) -> str:
     if kind == "block_in_reasoning" and THINK_CLOSE in text:
         reasoning, rest = text.split(THINK_CLOSE, 1)
         start = rest.find(f"\n\n<{DSML}tool_calls>")
-        if start != -1:
-            end = rest.index(f"</{DSML}tool_calls>") + len(f"</{DSML}tool_calls>")
-            return reasoning + rest[start:end] + THINK_CLOSE + rest[:start] + rest[end:]
-        return text
+        end = rest.find(f"</{DSML}tool_calls>")
+        if start == -1 or end == -1:
+            return text
+        end += len(f"</{DSML}tool_calls>")
+        return reasoning + rest[start:end] + THINK_CLOSE + rest[:start] + rest[end:]
     if kind == "invalid_typed":
         return text.replace('string="false">', 'string="false">hello ', 1)
     if kind == "duplicate_param":
@@ -86,7 +89,7 @@ def _mutate(text: str, kind: str, draw) -> str:
     return text
 
 
-MUTATIONS = ["none", "no_eos", "ascii_pipes", "bare_invoke", "one_lf", "no_lf", "indent", "block_in_reasoning",
+MUTATIONS = ["none", "no_eos", "ascii_pipes", "doubled_pipes", "bare_invoke", "one_lf", "no_lf", "indent", "block_in_reasoning",
              "invalid_typed", "duplicate_param", "truncate", "after_eos", "misspelled"]
 
 
@@ -94,8 +97,11 @@ MUTATIONS = ["none", "no_eos", "ascii_pipes", "bare_invoke", "one_lf", "no_lf", 
 def completions(draw) -> tuple[str, str]:
     """(completion text, thinking_mode): rendered messages under pitfall mutations, or adversarial text."""
     mode = draw(st.sampled_from(["chat", "thinking"]))
-    if draw(st.integers(0, 4)) == 0:
+    source = draw(st.integers(0, 5))
+    if source == 0:
         return draw(free_text), mode
+    if source == 1:
+        return draw(st.text(max_size=40)), mode  # any unicode at all
     text = render_assistant(draw(assistant_messages(mode == "thinking")), mode)
     for kind in draw(st.lists(st.sampled_from(MUTATIONS), max_size=2)):
         text = _mutate(text, kind, draw)

@@ -56,8 +56,8 @@ def test_missing_think_close_means_all_reasoning():
     assert got["reasoning_content"] == "still thinking" and got["content"] == ""
 
 
-@pytest.mark.parametrize("dsml", ["|DSML|", "｜DSML|", "|DSML｜"])
-def test_ascii_pipe_lookalikes_are_tool_calls(dsml):
+@pytest.mark.parametrize("dsml", ["|DSML|", "｜DSML|", "|DSML｜", "｜｜DSML｜｜", "||DSML||"])
+def test_pipe_lookalikes_are_tool_calls(dsml):
     got = lenient(f"r</think>{BLOCK.replace(DSML, dsml)}{EOS}")
     assert calls(got) == [("get", ARGS)] and got["content"] == ""
 
