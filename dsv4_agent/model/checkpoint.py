@@ -229,18 +229,19 @@ def load_state_dict(model_dir: str | Path, cfg: DeepSeekV4Config, *,
     return state
 
 
-_MODEL_CACHE: dict[tuple[str, float], DeepSeekV4] = {}
+_MODEL_CACHE: dict[tuple, DeepSeekV4] = {}
 
 
 def load_model(model_dir: str | Path, *, progress: Callable[[LoadProgress], None] | None = None,
                cache: bool = False) -> DeepSeekV4:
     """Build :class:`DeepSeekV4` from an official-format directory (config.json + safetensors).
 
-    ``cache=True`` memoizes by (path, config mtime) so repeated checks do not reload tiny models.
+    ``cache=True`` memoizes by path and the files' mtimes / sizes, so repeated checks do not reload.
     """
     model_dir = Path(model_dir)
     cfg = load_config(model_dir)
-    key = (str(model_dir.resolve()), (model_dir / "config.json").stat().st_mtime)
+    files = [model_dir / "config.json", *sorted(model_dir.glob("*.safetensors*"))]
+    key = (str(model_dir.resolve()), tuple((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in files))
     if cache and key in _MODEL_CACHE:
         return _MODEL_CACHE[key]
     state = load_state_dict(model_dir, cfg, progress=progress)
