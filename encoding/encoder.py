@@ -324,21 +324,19 @@ def _members(text: str) -> list[tuple[str, Any, str]] | None:
 
 
 def _parameters(arguments: Any, verbatim: bool) -> list[tuple[str, str, bool]]:
-    """(name, value text, is_string) for each DSML parameter of one call."""
-    if isinstance(arguments, Mapping):  # deliberate deviation: an object renders as its own members
-        return [(str(k), v, True) if isinstance(v, str) else (str(k), to_json(v), False)
-                for k, v in arguments.items()]
+    """(name, value text, is_string) for each DSML parameter of one call: strings raw, the rest as JSON."""
     if isinstance(arguments, str):
         members = _members(arguments) if verbatim else None
         if members is not None:
             return [(k, v, True) if isinstance(v, str) else (k, raw, False) for k, v, raw in members]
         try:
-            decoded = json.loads(arguments)
+            arguments = json.loads(arguments)
         except ValueError:
             return [("arguments", arguments, True)]
-        return [(str(k), v, True) if isinstance(v, str) else (str(k), to_json(v), False)
-                for k, v in decoded.items()]
-    return [("arguments", to_json(arguments), False)]  # e.g. a list or None: reference wraps it
+    elif not isinstance(arguments, Mapping):
+        return [("arguments", to_json(arguments), False)]  # e.g. a list or None: the reference wraps it
+    # a decoded JSON object, or (deliberate deviation) an object given directly: its own members
+    return [(str(k), v, True) if isinstance(v, str) else (str(k), to_json(v), False) for k, v in arguments.items()]
 
 
 def _render_tool_calls(out: _Out, calls: Sequence[Mapping[str, Any]], verbatim: bool) -> None:
