@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from . import ops
-from .cache import PAGE_SIZE, LayerTail, ResumeState, SequenceCache, TailState
+from .cache import PAGE_SIZE, LayerTail, PagePool, ResumeState, SequenceCache, TailState
 from .config import DeepSeekV4Config
 from .ops import Numerics
 
@@ -65,7 +65,7 @@ class Step:
 
 @dataclass
 class StepOutput:
-    logits: torch.Tensor  # fp32 [n, vocab]
+    logits: torch.Tensor | None  # fp32 [n, vocab] (None with compute_logits=False)
     streams: torch.Tensor  # [n, hc, d] output of the last main block (input of hc_head and of MTP)
     hidden: list[torch.Tensor] | None  # per main layer [n, hc, d] when requested
     snapshots: dict[int, ResumeState] = field(default_factory=dict)
@@ -89,7 +89,7 @@ class _Ctx:
     num: Numerics
     segs: list[_Segment]
     positions: torch.Tensor  # [N] absolute positions of the batch rows
-    pool: object  # PagePool | None (None for the MTP block, which has no compressed layers)
+    pool: PagePool | None  # None for the MTP block, which has no compressed layers
 
 
 @dataclass
@@ -452,7 +452,7 @@ class DeepSeekV4(nn.Module):
         self.head = Linear(d, cfg.vocab_size, "fp32")
         self.hc_head_fn, self.hc_head_base, self.hc_head_scale = _param(hc, hc * d), _param(hc), _param(1)
 
-    def new_sequence(self, pool) -> SequenceCache:
+    def new_sequence(self, pool: PagePool) -> SequenceCache:
         return SequenceCache.new(self.config, pool, self.embed.weight.device)
 
     def _head(self, X: torch.Tensor, fn, scale, base, norm: RMSNorm, num: Numerics) -> torch.Tensor:
@@ -476,7 +476,12 @@ class DeepSeekV4(nn.Module):
     @torch.no_grad()
     def forward(self, steps: list[Step], *, numerics: Numerics | str = "fp32", return_hidden: bool = False,
                 compute_logits: bool = True) -> list[StepOutput]:
-        """Extend every step's sequence by its tokens; returns per-step logits/streams (and snapshots)."""
+        """Extend every step's sequence by its tokens; returns per-step logits / streams / snapshots.
+
+        ``Step.snapshot_at`` lengths b with ``seq.length < b <= seq.length + n`` return a retained
+        :class:`ResumeState` at b (e.g. page-aligned points of a long prefill). ``compute_logits=False``
+        skips the head (intermediate prefill chunks). On an exception the sequences are left inconsistent.
+        """
         num = numerics if isinstance(numerics, Numerics) else Numerics.from_mode(numerics)
         cfg = self.config
         if not steps:
@@ -521,7 +526,9 @@ class DeepSeekV4(nn.Module):
                 tail = TailState(b, seg.new_tails[b])
                 if b == end:
                     st.seq.tail = tail
-                else:
+                    if b in st.snapshot_at:
+                        snaps[b] = st.seq.snapshot()
+                else:  # inside the call: no MTP state (the MTP block runs after the main model)
                     pages = tuple(st.seq.pages[:b // PAGE_SIZE])
                     st.seq.pool.retain(pages)
                     snaps[b] = ResumeState(st.seq.pool, pages, tail)
