@@ -93,7 +93,8 @@ class PackedIndexKeys:
 
     def __getitem__(self, pages) -> torch.Tensor:
         rec = self.data[pages]
-        codes = ops.unpack_fp4(rec[..., :self.dim // 2].contiguous().view(torch.int8)).float()
+        packed = rec[..., :self.dim // 2].reshape(-1, self.dim // 2).view(torch.int8)
+        codes = ops.unpack_fp4(packed).reshape(*rec.shape[:-1], self.dim)
         scales = rec[..., self.dim // 2:].contiguous().view(torch.float8_e8m0fnu).float()
         return (codes.unflatten(-1, (self.n_scales, 32)) * scales[..., None]).flatten(-2)
 

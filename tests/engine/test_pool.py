@@ -1,0 +1,78 @@
+"""Our KV pool inside SGLang: per-token cost (issue 6 memory acceptance) and lossless packed pages."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from dsv4_agent.model import DeepSeekV4Config, kv_bytes_per_token, marginal_kv_bytes_per_token, ops
+from dsv4_agent.serve.v4pool import (
+    PackedEntries,
+    PackedIndexKeys,
+    V4KVPool,
+    V4PoolConfigurator,
+    page_bytes_per_token,
+)
+
+
+def _official(shared_dir, name: str) -> DeepSeekV4Config:
+    return DeepSeekV4Config.from_hf(json.loads((shared_dir / "configs" / name / "config.json").read_text()))
+
+
+@pytest.mark.parametrize("name", ["deepseek-v4-flash", "deepseek-v4-pro"])
+def test_pool_bytes_per_token_match_kv_bytes_per_token(shared_dir, name):
+    cfg = _official(shared_dir, name)
+    pool = V4KVPool(cfg, 8 * 128 - 128, 128, packed=True)  # 8 pages incl. SGLang's reserved page 0
+    measured = pool.page_bytes / (pool.num_pages * 128)  # bytes the pool's tensors hold per token slot
+    assert measured == pytest.approx(marginal_kv_bytes_per_token(cfg), rel=1e-9)
+    per_token = kv_bytes_per_token(cfg, cfg.max_position_embeddings)  # incl. the per-sequence windows
+    assert abs(measured - per_token) / per_token < 0.10
+    if name == "deepseek-v4-flash":
+        assert measured == 3514.25  # spec section 10
+    # the configurator sizes SGLang's token budget with exactly this cost, after the fixed tail bytes
+    conf = V4PoolConfigurator(cfg, packed=True, fixed_bytes=10**6)
+    sizes = conf.calculate_pool_sizes(10**6 + 1000 * 3514.25 * 128, 128)
+    if name == "deepseek-v4-flash":
+        assert sizes.max_total_num_tokens == 128_000
+
+
+def test_fp32_pool_cost(tiny_config):
+    cfg = tiny_config()
+    pool = V4KVPool(cfg, 1024, 128, packed=False)
+    assert pool.bytes_per_token == page_bytes_per_token(cfg, packed=False)
+    # tiny: CSA layers 1 and 3 (entry/4 + key/4), HCA layer 2 (entry/128), fp32
+    D, DI = cfg.head_dim, cfg.index_head_dim
+    assert pool.bytes_per_token == 2 * (4 * D / 4 + 4 * DI / 4) + 4 * D / 128
+
+
+@pytest.mark.parametrize("rows", [1, 3, 32])
+def test_packed_entries_are_lossless(rows):
+    g = torch.Generator().manual_seed(rows)
+    D, rope = 512, 64
+    x = torch.randn(rows, D, generator=g) * torch.logspace(-6, 3, rows)[:, None]
+    x[0, :64] = 0  # an all-zero scale block
+    entries = ops.kv_fp8_sim(x.to(torch.bfloat16), rope).float()  # what quant numerics produce
+    store = PackedEntries(num_pages=4, per_page=rows, dim=D, rope_dim=rope, device="cpu")
+    assert store.record == 584
+    store[2] = entries
+    assert torch.equal(store[torch.tensor([2])][0], entries)
+    assert torch.equal(store[torch.tensor([1])][0], torch.zeros_like(entries))
+
+
+@pytest.mark.parametrize("rows", [1, 5, 32])
+def test_packed_index_keys_are_lossless(rows):
+    g = torch.Generator().manual_seed(10 + rows)
+    x = torch.randn(rows, 128, generator=g) * torch.logspace(-4, 2, rows)[:, None]
+    x[-1, 32:64] = 0
+    keys = ops.fp4_sim(ops.hadamard(x.to(torch.bfloat16)), 32).float()
+    store = PackedIndexKeys(num_pages=3, per_page=rows, dim=128, device="cpu")
+    assert store.record == 68
+    store[0] = keys
+    assert torch.equal(store[torch.tensor([0, 1])][0], keys)
+
+
+def test_page_size_must_hold_whole_pages(tiny_config):
+    with pytest.raises(ValueError, match="page-size"):
+        V4KVPool(tiny_config(), 1024, 64, packed=False)
