@@ -37,6 +37,12 @@ Operations
   pages, deep-copies the tail), e.g. a second request that shares the first one's prefix pages.
 * ``seq.release()`` / ``state.release()`` - drop the page references.
 
+Pool protocol: :meth:`DeepSeekV4.forward` needs of ``seq.pool`` only ``entries`` / ``index_keys`` (per-layer
+objects indexable by a page-id tensor for reading and by a page id for writing), ``num_free``, ``alloc()``
+(called once per page a step completes, in step order, ascending), ``retain(pages)`` (for snapshots) and
+``release(pages)``. A serving engine can pass a view over its own pool (e.g. pages SGLang already assigned,
+packed storage) instead of a :class:`PagePool`.
+
 Exactness: a restored sequence computes exactly what the original would have (same code path as an
 uninterrupted prefill: chunked prefill, decode and restore all go through the same per-token rules).
 """

@@ -460,6 +460,11 @@ class DeepSeekV4(nn.Module):
         h = ops.hc_head(X, fn, scale, base, norm_eps=cfg.rms_norm_eps, hc_eps=cfg.hc_eps)
         return torch.nn.functional.linear(norm(h, num).float(), self.head.weight)
 
+    def head_logits(self, streams: torch.Tensor, numerics: Numerics | str = "fp32") -> torch.Tensor:
+        """Final hc_head + norm + head of main-model streams [n, hc, d] -> fp32 logits [n, vocab]."""
+        num = numerics if isinstance(numerics, Numerics) else Numerics.from_mode(numerics)
+        return self._head(streams, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, self.norm, num)
+
     def _segments(self, steps: list[tuple[TailState, list[int], int, tuple[int, ...]]]) -> tuple[list[_Segment], torch.Tensor]:
         segs, positions, row = [], [], 0
         for tail, pages, n, snaps in steps:
@@ -514,8 +519,7 @@ class DeepSeekV4(nn.Module):
             X = layer(X, ids, ctx, i)
             if return_hidden:
                 hidden.append(X)
-        logits = (self._head(X, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, self.norm, num)
-                  if compute_logits else None)
+        logits = self.head_logits(X, num) if compute_logits else None
 
         outs = []
         for st, seg in zip(steps, segs, strict=True):
