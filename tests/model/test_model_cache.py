@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import get_golden, max_rel
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from dsv4_agent.model import PAGE_SIZE, PagePool, SequenceCache, Step
 
@@ -145,3 +147,27 @@ def test_page_pool_accounting(model_dir):
     other = PagePool(g.model.config, 2)
     with pytest.raises(ValueError, match="different PagePool"):
         SequenceCache.restore(other, g.model.new_sequence(pool).snapshot())
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(cuts=st.lists(st.integers(1, 519), min_size=1, max_size=5, unique=True), data=st.data())
+def test_any_chunking_with_restores_matches_prefill(model_dir, cuts, data):
+    """Property: splitting t3-smooth (no discrete decisions) into arbitrary chunks, and moving to a restored
+    copy at an arbitrary chunk boundary, always reproduces the full-prefill golden logits."""
+    g = get_golden(model_dir, "t3-smooth")
+    model, ref = g.model, g.tensors["logits_fp32"]
+    bounds = [0, *sorted(cuts), g.T]
+    restore_at = data.draw(st.sampled_from(bounds[1:-1]))
+    pool = PagePool(model.config, 16)
+    seq = model.new_sequence(pool)
+    got = []
+    for a, b in zip(bounds, bounds[1:], strict=False):
+        if a == restore_at:
+            state = seq.snapshot()
+            seq.release()
+            seq = SequenceCache.restore(pool, state)
+            state.release()
+        got.append(logits_of(model, seq, g.ids[a:b]).logits)
+    assert max_rel(torch.cat(got), ref) <= 1e-5
+    seq.release()
+    assert pool.num_free == pool.num_pages
