@@ -20,7 +20,8 @@ _EFFORTS = ("none", "low", "medium", "high", "max")
 class ModelSettings:
     """Sampling and request settings. `None` leaves the server default (V4 recommends T=1.0, top_p=1.0).
 
-    `extra_body` is merged into every request body (last, so it can override what the SDK sets).
+    `extra_body` is merged into every request body (last, so it can override what the SDK sets; a key set
+    to None is removed, e.g. `{"chat_template_kwargs": None}` for an endpoint that rejects it).
     """
 
     temperature: float | None = None
@@ -84,5 +85,5 @@ class Agent:
             "chat_template_kwargs": {"thinking": self.thinking},
         }
         extra.update(s.extra_body)
-        opts["extra_body"] = extra
+        opts["extra_body"] = {k: v for k, v in extra.items() if v is not None}
         return opts

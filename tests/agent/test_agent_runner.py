@@ -160,6 +160,17 @@ async def test_vllm_reasoning_field_is_accepted_and_sent_back_as_reasoning_conte
     assert ep.requests[1]["messages"][1]["reasoning_content"] == "think"
 
 
+async def test_extra_body_overrides_and_removes_request_fields():
+    ep = ScriptedEndpoint(Reply(content="ok"))
+    settings = ModelSettings(max_tokens=64, seed=7, extra_body={"chat_template_kwargs": None, "top_k": 20})
+    await make_runner(ep, model="served-name").run(Agent(settings=settings), "hi")
+    body = ep.requests[0]
+    assert (
+        "chat_template_kwargs" not in body and body["top_k"] == 20 and body["thinking"] == {"type": "enabled"}
+    )
+    assert (body["model"], body["max_tokens"], body["seed"]) == ("served-name", 64, 7)
+
+
 async def test_non_think_mode_sends_no_reasoning():
     ep = ScriptedEndpoint(Reply(tool_calls=[("c1", "add", '{"a": 2, "b": 2}')]), Reply(content="4"))
     await make_runner(ep).run(Agent(tools=[add], reasoning_effort="none"), "2+2")
