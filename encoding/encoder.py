@@ -10,9 +10,9 @@ concatenation.
 Differences from the reference, all deliberate:
 * tool-call `arguments` given as an object render as their own parameters, like the equivalent JSON
   string (the reference wraps them in one `arguments` parameter; vector tag `deviation:dict-arguments`);
-* invalid input is rejected before rendering, with `MessageError` naming the message and field, also
-  where the reference would only fail once it reaches the message (or not at all: an unknown task on a
-  message that never gets a transition, a bad mode with nothing to render);
+* invalid input is rejected with `MessageError` naming the message and field, exactly where the reference
+  fails (messages it renders; a task when its transition is reached); `thinking_mode` and
+  `reasoning_effort` are checked up front, also when there is nothing to render;
 * an assistant's `reasoning` is read as `reasoning_content` when that is absent or null (the reference
   ignores it and renders an empty reasoning block);
 * `verbatim_arguments=True` (opt-in) writes non-string argument values as the exact text found in the
@@ -138,47 +138,55 @@ def _validate_call_args(value: Any, source: str, i: int, field: str) -> None:
             raise _fail(source, i, field, f"arguments must be a JSON object, got JSON {type(decoded).__name__}")
 
 
-def _validate(messages: Sequence[Mapping[str, Any]], source: str) -> None:
+def _check_rendered(msg: Mapping[str, Any]) -> None:
+    """Reject, naming the source message and field, what the reference fails on when it renders `msg` (a
+    folded message). Messages that are not rendered (context, dropped history) are not checked, as there."""
+    source, i = msg["_at"]
+    role = msg.get("role")
+    if role not in ROLES:
+        raise _fail(source, i, "role", f"unknown role {role!r} (expected one of {', '.join(ROLES)})")
+    if role == "user":
+        for block in msg["blocks"]:
+            src, k = block[-1]
+            if block[0] == "text" and not isinstance(block[1], str):
+                raise _fail(src, k, "content", f"user content must be a string, got {type(block[1]).__name__} "
+                            "(flatten OpenAI content parts with normalize_messages)")
+            if block[0] == "tool_result" and isinstance(block[2], list):
+                for j, part in enumerate(block[2]):
+                    if not isinstance(part, Mapping):
+                        raise _fail(src, k, f"content[{j}]", "tool content blocks must be dicts")
+                    if part.get("type") == "text" and not isinstance(part.get("text", ""), str):
+                        raise _fail(src, k, f"content[{j}].text", "text must be a string")
+    content = msg.get("content")
+    if role == "developer" and not (isinstance(content, str) and content):
+        raise _fail(source, i, "content", "developer content must be a non-empty string")
+    if role in ("system", "developer") and msg.get("tools"):
+        tools = msg["tools"]
+        if not isinstance(tools, list):
+            raise _fail(source, i, "tools", "tools must be a list")
+        for j, tool in enumerate(tools):
+            if not isinstance(tool, Mapping) or "function" not in tool:
+                raise _fail(source, i, f"tools[{j}]", 'a tool must be {"type": "function", "function": {...}}')
+    if role == "assistant" and msg.get("tool_calls"):
+        calls = msg["tool_calls"]
+        if not isinstance(calls, list):
+            raise _fail(source, i, "tool_calls", "tool_calls must be a list")
+        for j, call in enumerate(calls):
+            fn = call.get("function") if isinstance(call, Mapping) else None
+            if not isinstance(fn, Mapping):
+                raise _fail(source, i, f"tool_calls[{j}].function", "a tool call needs a `function` object")
+            for key in ("name", "arguments"):
+                if key not in fn:
+                    raise _fail(source, i, f"tool_calls[{j}].function.{key}", "missing")
+            _validate_call_args(fn["arguments"], source, i, f"tool_calls[{j}].function.arguments")
+
+
+def _check_dicts(messages: Sequence[Any], source: str) -> None:
+    if not isinstance(messages, Sequence) or isinstance(messages, str | bytes):
+        raise MessageError(source, "must be a list of message dicts")
     for i, msg in enumerate(messages):
         if not isinstance(msg, Mapping):
             raise _fail(source, i, "", f"a message must be a dict, got {type(msg).__name__}")
-        role = msg.get("role")
-        if role not in ROLES:
-            raise _fail(source, i, "role", f"unknown role {role!r} (expected one of {', '.join(ROLES)})")
-        content = msg.get("content")
-        if role == "user" and not isinstance(msg.get("content", ""), str):
-            raise _fail(source, i, "content", f"user content must be a string, got {type(content).__name__} "
-                        "(flatten OpenAI content parts with normalize_messages)")
-        if role == "developer" and not (isinstance(content, str) and content):
-            raise _fail(source, i, "content", "developer content must be a non-empty string")
-        if role == "tool" and isinstance(content, list):
-            for j, block in enumerate(content):
-                if not isinstance(block, Mapping):
-                    raise _fail(source, i, f"content[{j}]", "tool content blocks must be dicts")
-                if block.get("type") == "text" and not isinstance(block.get("text", ""), str):
-                    raise _fail(source, i, f"content[{j}].text", "text must be a string")
-        task = msg.get("task")
-        if task is not None and task not in TASK_TOKENS:
-            raise _fail(source, i, "task", f"unknown task {task!r} (expected one of {', '.join(TASK_TOKENS)})")
-        if role in ("system", "developer") and msg.get("tools"):
-            tools = msg["tools"]
-            if not isinstance(tools, list):
-                raise _fail(source, i, "tools", "tools must be a list")
-            for j, tool in enumerate(tools):
-                if not isinstance(tool, Mapping) or "function" not in tool:
-                    raise _fail(source, i, f"tools[{j}]", 'a tool must be {"type": "function", "function": {...}}')
-        if role == "assistant" and msg.get("tool_calls"):
-            calls = msg["tool_calls"]
-            if not isinstance(calls, list):
-                raise _fail(source, i, "tool_calls", "tool_calls must be a list")
-            for j, call in enumerate(calls):
-                fn = call.get("function") if isinstance(call, Mapping) else None
-                if not isinstance(fn, Mapping):
-                    raise _fail(source, i, f"tool_calls[{j}].function", "a tool call needs a `function` object")
-                for key in ("name", "arguments"):
-                    if key not in fn:
-                        raise _fail(source, i, f"tool_calls[{j}].function.{key}", "missing")
-                _validate_call_args(fn["arguments"], source, i, f"tool_calls[{j}].function.arguments")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -188,7 +196,8 @@ def _validate(messages: Sequence[Mapping[str, Any]], source: str) -> None:
 def _fold(messages: Sequence[Mapping[str, Any]], source: str) -> list[dict[str, Any]]:
     """Tool messages and consecutive user messages become user turns holding `blocks`.
 
-    A block is ("text", text) or ("tool_result", tool_call_id, content). Only the message that starts a
+    A block is ("text", text, at) or ("tool_result", tool_call_id, content, at), `at` = (source, index) of
+    the message it came from. Only the message that starts a
     turn contributes task / wo_eos / mask; other keys of user messages are dropped (reference).
     """
     folded: list[dict[str, Any]] = []
@@ -196,13 +205,13 @@ def _fold(messages: Sequence[Mapping[str, Any]], source: str) -> list[dict[str, 
         role = msg.get("role")
         last = folded[-1] if folded else None
         if role == "tool":
-            block = ("tool_result", msg.get("tool_call_id", ""), msg.get("content", ""))
+            block = ("tool_result", msg.get("tool_call_id", ""), msg.get("content", ""), (source, i))
             if last is not None and last["role"] == "user":
                 last["blocks"].append(block)
             else:
                 folded.append({"role": "user", "blocks": [block], "_at": (source, i)})
         elif role == "user":
-            block = ("text", msg.get("content", ""))
+            block = ("text", msg.get("content", ""), (source, i))
             if last is not None and last["role"] == "user" and last.get("task") is None:
                 last["blocks"].append(block)
             else:
@@ -220,8 +229,10 @@ def _fold(messages: Sequence[Mapping[str, Any]], source: str) -> list[dict[str, 
     return folded
 
 
-def call_id(call: Mapping[str, Any]) -> Any:
+def call_id(call: Any) -> Any:
     """A tool call's id as the reference reads it: `id`, else `function.id` (falsy: none)."""
+    if not isinstance(call, Mapping):
+        return None
     return call.get("id") or (call.get("function") or {}).get("id", "")
 
 
@@ -446,6 +457,9 @@ def _render_message(out: _Out, i: int, msgs: list[dict[str, Any]], last_user: in
         return
     task = msg.get("task")
     if task is not None:
+        if task not in TASK_TOKENS:
+            source, index = msg["_at"]
+            raise _fail(source, index, "task", f"unknown task {task!r} (expected one of {', '.join(TASK_TOKENS)})")
         if task == "action":
             out.special(ASSISTANT)
             out.special(THINK_OPEN if thinking else THINK_CLOSE)
@@ -467,11 +481,9 @@ def _pieces(messages: Sequence[Mapping[str, Any]], thinking_mode: str, reasoning
             context: Sequence[Mapping[str, Any]] | None, drop_thinking: bool, add_default_bos_token: bool,
             verbatim_arguments: bool) -> list[Piece]:
     _check_args(thinking_mode, reasoning_effort)
-    if not isinstance(messages, Sequence) or isinstance(messages, str | bytes):
-        raise TypeError("messages must be a list of dicts")
     context = list(context or [])
-    _validate(context, "context")
-    _validate(messages, "messages")
+    _check_dicts(context, "context")
+    _check_dicts(messages, "messages")
 
     folded_context = _fold(context, "context")
     _order_results(folded_context)
@@ -491,6 +503,7 @@ def _pieces(messages: Sequence[Mapping[str, Any]], thinking_mode: str, reasoning
         count = len(folded)
     last_user = _last_user_index(full)
     for i in range(len(full) - count, len(full)):
+        _check_rendered(full[i])
         _render_message(out, i, full, last_user, thinking_mode, drop, reasoning_effort, verbatim_arguments)
     return out.pieces
 
@@ -532,9 +545,11 @@ def render_assistant(message: Mapping[str, Any], thinking_mode: str, *, verbatim
     `reasoning</think>`, then content, the DSML block and EOS (none with `wo_eos`). This is the exact
     text the encoder puts in a prompt for an assistant turn whose reasoning is kept."""
     _check_args(thinking_mode, None)
-    _validate([message], "message")
+    _check_dicts([message], "message")
     if message.get("role") != "assistant":
         raise MessageError("message.role", f"expected 'assistant', got {message.get('role')!r}", field="role")
+    folded = _fold([message], "message")[0]
+    _check_rendered(folded)
     out = _Out()
-    _render_assistant_body(out, _fold([message], "message")[0], thinking_mode == "thinking", verbatim_arguments)
+    _render_assistant_body(out, folded, thinking_mode == "thinking", verbatim_arguments)
     return "".join(text for text, _ in out.pieces)

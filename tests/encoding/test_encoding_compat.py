@@ -119,9 +119,18 @@ def test_errors_name_the_message_and_field(messages, where):
     assert str(err.value).startswith(where + ":")
 
 
-def test_context_errors_say_context():
-    with pytest.raises(MessageError, match=r"^context\[0\]\.role"):
-        encode_messages([{"role": "user", "content": "q"}], "chat", context=[{"role": "x"}])
+def test_context_errors_say_context_and_unrendered_messages_are_not_checked():
+    with pytest.raises(MessageError, match=r"^context\[1\]: a message must be a dict"):
+        encode_messages([{"role": "user", "content": "q"}], "chat", context=[{"role": "user", "content": "a"}, 42])
+    # like the reference: context is never rendered, so its content is not validated
+    assert encode_messages([{"role": "user", "content": "q"}], "chat", context=[{"role": "x"}]) == (
+        "<｜User｜>q<｜Assistant｜></think>")
+    # a task is only checked when its transition is reached (here the next user turn follows)
+    encode_messages([{"role": "user", "content": "q", "task": "nope"}, {"role": "system", "content": "s"}], "chat")
+    # a user turn folded into another reports the message the bad text came from
+    with pytest.raises(MessageError, match=r"^messages\[2\]\.content"):
+        encode_messages([{"role": "user", "content": "a"}, {"role": "tool", "content": "r"},
+                         {"role": "user", "content": 5}], "chat")
 
 
 def test_bad_mode_and_effort():
