@@ -124,14 +124,11 @@ def model_kv(*shape):
     return torch.cat([fp8_fake_quant(kv[..., :448]), kv[..., 448:]], -1)
 
 
-ATTN_CONFIGS = {  # (block_h, block_n, num_warps, num_stages, num_splits or None = auto)
-    "h16n32w4": (16, 32, 4, 2, None),
+ATTN_CONFIGS = {  # (block_h, block_n, num_warps, num_stages, num_splits); None = the dispatch default
+    "default": (None, 32, 4, 2, None),
     "h16n32w4s3": (16, 32, 4, 3, None),
-    "h16n32w4sp8": (16, 32, 4, 2, 8),
-    "h16n32w4sp32": (16, 32, 4, 2, 32),
     "h32n32w4": (32, 32, 4, 2, None),
     "h32n64w8s3": (32, 64, 8, 3, None),
-    "h64n32w8": (64, 32, 8, 2, None),
     "h64n64w8": (64, 64, 8, 2, None),
 }
 
@@ -168,8 +165,8 @@ def bench_decode_attention(copy_gbs, batches, contexts, sweep):
                                                       s["table"], s["idx"], s["q_seq"], block_h=bh, block_n=bn,
                                                       num_warps=w, num_stages=st, num_splits=sp)
 
-                configs = ATTN_CONFIGS if sweep else {"default": (16, 32, 4, 2, None)}
-                best = None
+                configs = ATTN_CONFIGS if sweep else {"default": ATTN_CONFIGS["default"]}
+                best, default_us = None, None
                 for name, cfg in configs.items():
                     try:
                         us = graph_time_us([call(s, cfg) for s in sets])
@@ -180,13 +177,15 @@ def bench_decode_attention(copy_gbs, batches, contexts, sweep):
                         print(f"# decode attn {kind} b={batch} ctx={ctx} {name}: {us:.2f} us")
                     if best is None or us < best[1]:
                         best = (name, us)
+                    if name == "default":
+                        default_us = us
                 s0 = sets[0]
                 torch_us = None
                 if ctx == contexts[0]:
                     torch_us = bench_us(lambda: sparse_attn_ref(s0["q"], s0["sink"], s0["ring"][kind], s0["start"],
                                                                 s0["end"], cmp, s0["table"], s0["idx"], s0["q_seq"]))
                 record(f"decode_attn_{kind}", f"b={batch} ctx={ctx}", best[1], nbytes, copy_gbs, torch_us,
-                       note=best[0])
+                       note=f"best of sweep: {best[0]}; dispatch default {default_us:.1f} us" if sweep else "")
 
 
 # ---------------------------------------------------------------- indexer scoring + top-k
@@ -223,10 +222,12 @@ def bench_indexer(copy_gbs, batches, contexts):
             # top-k of the scores, and the whole selection (scores + top-k) against PyTorch
             scores = [indexer_scores_triton(s["q"], s["w"], keys, s["table"], s["q_seq"], s["n_avail"], n)
                       for s in sets]
-            us = graph_time_us([lambda sc=sc, s=s: topk_indices_triton(sc, s["n_avail"], TOPK)
-                                for sc, s in zip(scores, sets, strict=True)])
             torch_us = bench_us(lambda: torch.topk(scores[0], TOPK, dim=-1))
-            record("topk512", f"b={batch} n={n}", us, batch * n * 4, copy_gbs, torch_us, note="vs torch.topk")
+            for chunk in (2048, 4096, 16384):
+                us = graph_time_us([lambda sc=sc, s=s: topk_indices_triton(sc, s["n_avail"], TOPK, chunk=chunk)
+                                    for sc, s in zip(scores, sets, strict=True)])
+                record("topk512", f"b={batch} n={n}", us, batch * n * 4, copy_gbs, torch_us,
+                       note=f"vs torch.topk; chunk {chunk}")
             if batch == 1:
                 s0 = sets[0]
                 us = graph_time_us([lambda s=s: topk_indices_triton(

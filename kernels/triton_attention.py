@@ -26,20 +26,34 @@ def _load_kv_tile(base_ptr, rows, valid, stride_row, D: tl.constexpr, BLOCK_N: t
     """Rows `rows` [BLOCK_N] of a KV source as a bf16 tile [BLOCK_N, D]; invalid rows read as 0."""
     row_ptr = base_ptr + rows.to(tl.int64) * stride_row
     if FP8:
-        # dims < NOPE: e4m3 code * 2**(ue8m0 of its 64-block - 127); the rest: the bf16 rope part
-        offs_d = tl.arange(0, D)[None, :]
-        nope = offs_d < NOPE
-        v2 = valid[:, None]
-        codes = tl.load(row_ptr[:, None] + offs_d, mask=v2 & nope, other=0)
-        sc = tl.load(row_ptr[:, None] + SCALE_OFF + offs_d // BLK, mask=v2 & nope, other=127)
-        scale = (sc.to(tl.int32) << 23).to(tl.float32, bitcast=True)  # exact power of two
+        # View the 512 dims as [D // BLK, BLK]: blocks < NOPE // BLK are e4m3 * 2**(ue8m0 - 127),
+        # the last block is the bf16 rope part.
+        NB: tl.constexpr = D // BLK
+        blk = tl.arange(0, NB)[None, :, None]
+        e = tl.arange(0, BLK)[None, None, :]
+        is_nope = blk < NOPE // BLK
+        v3 = valid[:, None, None]
+        codes = tl.load(row_ptr[:, None, None] + blk * BLK + e, mask=v3 & is_nope, other=0)
+        nope = codes.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+        blk2 = tl.arange(0, NB)[None, :]
+        sc = tl.load(row_ptr[:, None] + SCALE_OFF + blk2, mask=valid[:, None] & (blk2 < NOPE // BLK), other=127)
+        scale = (sc.to(tl.int32) << 23).to(tl.float32, bitcast=True)  # 2**(code - 127), exact
         rope_ptr = (row_ptr + ROPE_OFF).to(tl.pointer_type(tl.bfloat16))
-        rope = tl.load(rope_ptr[:, None] + (offs_d - NOPE), mask=v2 & ~nope, other=0.0)
-        kv = tl.where(nope, codes.to(tl.float8e4nv, bitcast=True).to(tl.float32) * scale, rope.to(tl.float32))
-        return kv.to(tl.bfloat16)
+        rope = tl.load(rope_ptr[:, None, None] + e + 0 * blk, mask=v3 & (blk == NB - 1), other=0.0)
+        kv3 = tl.where(is_nope, nope * scale[:, :, None], rope.to(tl.float32))
+        return tl.reshape(kv3, (BLOCK_N, D)).to(tl.bfloat16)
     else:
         offs_d = tl.arange(0, D)
         return tl.load(row_ptr[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
+
+
+@triton.jit
+def _resolve_rows(idx_row_ptr, j, j_end, pt_row_ptr, page_size):
+    """Physical pool rows of selected entries j (< j_end; index -1 = unused slot)."""
+    idx = tl.load(idx_row_ptr + j, mask=j < j_end, other=-1)
+    valid = idx >= 0
+    page = tl.load(pt_row_ptr + idx // page_size, mask=valid, other=0)
+    return page.to(tl.int64) * page_size + idx % page_size, valid
 
 
 @triton.jit
@@ -96,15 +110,18 @@ def _sparse_attn_kernel(
         kv = _load_kv_tile(win_ptr, w_lo + j, valid, stride_win, D, BLOCK_N, FP8, NOPE, BLK, ROPE_OFF, SCALE_OFF)
         m_i, l_i, acc = _attend_block(q, kv, valid, m_i, l_i, acc, qk_scale, INTERP)
 
-    # compressed entries: virtual positions [max(lo, n_win), hi) -> cmp_idx columns
-    for start in range(tl.maximum(lo, n_win) - n_win, hi - n_win, BLOCK_N):
-        j = start + offs_n
-        idx = tl.load(idx_ptr + t.to(tl.int64) * stride_idx + j, mask=j < hi - n_win, other=-1)
-        valid = idx >= 0
-        page = tl.load(pt_ptr + seq * stride_pt + idx // page_size, mask=valid, other=0)
-        rows = page.to(tl.int64) * page_size + idx % page_size
+    # compressed entries: virtual positions [max(lo, n_win), hi) -> cmp_idx columns. The index ->
+    # page -> row lookups of the next tile are issued before this tile's math to hide their latency.
+    c_lo = tl.maximum(lo, n_win) - n_win
+    c_hi = hi - n_win
+    idx_row = idx_ptr + t.to(tl.int64) * stride_idx
+    rows, valid = _resolve_rows(idx_row, c_lo + offs_n, c_hi, pt_ptr + seq * stride_pt, page_size)
+    for start in range(c_lo, c_hi, BLOCK_N):
         kv = _load_kv_tile(cmp_ptr, rows, valid, stride_cmp, D, BLOCK_N, FP8, NOPE, BLK, ROPE_OFF, SCALE_OFF)
+        next_rows, next_valid = _resolve_rows(idx_row, start + BLOCK_N + offs_n, c_hi, pt_ptr + seq * stride_pt,
+                                              page_size)
         m_i, l_i, acc = _attend_block(q, kv, valid, m_i, l_i, acc, qk_scale, INTERP)
+        rows, valid = next_rows, next_valid
 
     if NUM_SPLITS == 1:
         sink = tl.load(sink_ptr + offs_h, mask=mask_h, other=0.0) * 1.4426950408889634
@@ -139,13 +156,10 @@ def _combine_splits_kernel(part_acc_ptr, part_ml_ptr, sink_ptr, out_ptr, stride_
 
 
 def pick_splits(n_programs: int, max_keys: int, block_n: int, device: torch.device) -> int:
-    """Splits of the key list so that about two waves of programs fill the GPU (power of two)."""
-    want = max(1, (2 * num_sms(device)) // max(n_programs, 1))
-    blocks = max(1, triton.cdiv(max_keys, block_n))
-    splits = 1
-    while splits * 2 <= min(want, blocks):
-        splits *= 2
-    return splits
+    """Splits of the key list so that about two waves of programs fill the GPU (power of two, rounded
+    up: with small batches more programs in flight hide the gather latency better)."""
+    want = min(max(1, (2 * num_sms(device)) // max(n_programs, 1)), max(1, triton.cdiv(max_keys, block_n)))
+    return triton.next_power_of_2(want)
 
 
 def sparse_attn_triton(
@@ -160,7 +174,7 @@ def sparse_attn_triton(
     q_seq: torch.Tensor,
     softmax_scale: float | None = None,
     *,
-    block_h: int = 16,
+    block_h: int | None = None,
     block_n: int = 32,
     num_splits: int | None = None,
     max_window: int = 128,
@@ -177,6 +191,8 @@ def sparse_attn_triton(
         cmp_kv, page_table, n_idx = win_kv[None], win_start[None], 0
     cmp_rows = cmp_kv.flatten(0, 1)
     scale = (d**-0.5 if softmax_scale is None else softmax_scale) * LOG2E
+    if block_h is None:  # measured on H100: 16-head tiles for small batches, 32 from ~32 queries
+        block_h = 32 if t >= 32 else 16
     n_hb = triton.cdiv(h, block_h)
     if num_splits is None:
         num_splits = pick_splits(t * n_hb, max_window + n_idx, block_n, q.device)

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .numerics import FP4_BLOCK
+from .numerics import FP4_BLOCK, exp2i, fp8_block_scale_exponent
 from .triton_utils import INTERPRET, dot
 
 TOP_BITS = 11  # radix of the first (parallel) pass
@@ -26,7 +26,7 @@ SUB_BITS = 7  # radix of each of the 3 refinement rounds: 11 + 3 * 7 = 32
 
 @triton.jit
 def _index_scores_kernel(
-    q_ptr, stride_qt, stride_qh, w_ptr, stride_wt,
+    q_ptr, stride_qt, stride_qh, q_scale_ptr, w_ptr, stride_wt,
     keys_ptr, stride_page, page_size, pt_ptr, stride_pt, q_seq_ptr, n_avail_ptr,
     out_ptr, stride_ot, n_max,
     HI: tl.constexpr, DI: tl.constexpr, BLOCK_N: tl.constexpr, FP8: tl.constexpr, SB: tl.constexpr,
@@ -40,23 +40,32 @@ def _index_scores_kernel(
         valid = e < n
         offs_h = tl.arange(0, HI)
         offs_d = tl.arange(0, DI)
-        q = tl.load(q_ptr + t.to(tl.int64) * stride_qt + offs_h[:, None] * stride_qh + offs_d[None, :])
         w = tl.load(w_ptr + t.to(tl.int64) * stride_wt + offs_h).to(tl.float32)
         seq = tl.load(q_seq_ptr + t).to(tl.int64)
         page = tl.load(pt_ptr + seq * stride_pt + e // page_size, mask=valid, other=0).to(tl.int64)
         slot = e % page_size
+        q_row = q_ptr + t.to(tl.int64) * stride_qt + offs_h[:, None] * stride_qh
         if FP8:
-            # page bytes: [page_size, DI] e4m3 codes, then [page_size, DI // SB] ue8m0 exponents
-            page_ptr = (keys_ptr + page * stride_page)[:, None]
-            codes = tl.load(page_ptr + slot[:, None] * DI + offs_d[None, :], mask=valid[:, None], other=0)
-            sc = tl.load(page_ptr + page_size * DI + slot[:, None] * (DI // SB) + offs_d[None, :] // SB,
-                         mask=valid[:, None], other=127)
-            scale = (sc.to(tl.int32) << 23).to(tl.float32, bitcast=True)
-            k = (codes.to(tl.float8e4nv, bitcast=True).to(tl.float32) * scale).to(tl.bfloat16)
+            # Per 32-dim block b: dot of e4m3 codes on the tensor cores (FP4-simulated keys and queries
+            # are exact there), then the key and query block scales: s += (k_b . q_b) * sk_b * sq_b.
+            # Page bytes: [page_size, DI] e4m3 codes, then [page_size, DI // SB] ue8m0 exponents.
+            NB: tl.constexpr = DI // SB
+            page_ptr = keys_ptr + page * stride_page
+            el = tl.arange(0, SB)
+            s = tl.zeros([BLOCK_N, HI], tl.float32)
+            for b in tl.static_range(NB):
+                kc = tl.load(page_ptr[:, None] + slot[:, None] * DI + b * SB + el[None, :], mask=valid[:, None],
+                             other=0).to(tl.float8e4nv, bitcast=True)
+                qc = tl.load(q_row + b * SB + el[None, :]).to(tl.float8e4nv, bitcast=True)
+                sk = tl.load(page_ptr + page_size * DI + slot * NB + b, mask=valid, other=127)
+                sk = (sk.to(tl.int32) << 23).to(tl.float32, bitcast=True)
+                sq = tl.load(q_scale_ptr + t.to(tl.int64) * HI * NB + offs_h * NB + b)
+                s += dot(kc, tl.trans(qc), INTERP) * sk[:, None] * sq[None, :]
         else:
+            q = tl.load(q_row + offs_d[None, :])
             rows = page * page_size + slot
             k = tl.load(keys_ptr + rows[:, None] * stride_page + offs_d[None, :], mask=valid[:, None], other=0.0)
-        s = dot(k, tl.trans(q), INTERP)  # [BLOCK_N, HI]
+            s = dot(k, tl.trans(q), INTERP)  # [BLOCK_N, HI]
         score = tl.sum(tl.maximum(s, 0.0) * w[None, :], 1)
         tl.store(out_ptrs, tl.where(valid, score, float("-inf")), mask=e < n_max)
     else:  # nothing available in this block
@@ -70,11 +79,18 @@ def indexer_scores_triton(q, weights, keys, page_table, q_seq, n_avail, n_max, p
     if t == 0 or n_max == 0:
         return out
     fp8 = keys.dtype == torch.uint8
-    if not fp8:
+    if fp8:
+        # queries as e4m3 codes with one power-of-two scale per 32 dims (exact for FP4-simulated queries)
+        exponent = fp8_block_scale_exponent(q, FP4_BLOCK)  # [T, HI, DI // 32]
+        q_scale = exp2i(exponent).contiguous()
+        q = (q.float().unflatten(-1, (-1, FP4_BLOCK)) / q_scale[..., None]).clamp(-448, 448)
+        q = q.to(torch.float8_e4m3fn).flatten(-2).view(torch.uint8).contiguous()
+    else:
         page_size = keys.shape[1]
         keys = keys.flatten(0, 1)
+        q_scale = weights  # unused
     _index_scores_kernel[(t, triton.cdiv(n_max, block_n))](
-        q, q.stride(0), q.stride(1), weights, weights.stride(0),
+        q, q.stride(0), q.stride(1), q_scale, weights, weights.stride(0),
         keys, keys.stride(0), page_size, page_table, page_table.stride(0), q_seq, n_avail,
         out, out.stride(0), n_max,
         HI=hi, DI=di, BLOCK_N=block_n, FP8=fp8, SB=FP4_BLOCK, INTERP=INTERPRET, num_warps=num_warps,

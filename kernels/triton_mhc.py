@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_utils import INTERPRET, dot, num_sms, round_bf16
+from .triton_utils import INTERPRET, dot, round_bf16
 
 
 @triton.jit
@@ -94,8 +94,8 @@ def _streams(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(2) == 1 and x.stride(1) == x.shape[2] else x.contiguous()
 
 
-def hc_pre_triton(x, fn, scale, base, sinkhorn_iters=20, hc_eps=1e-6, norm_eps=1e-6, *, block_t=16, block_k=256,
-                  block_d=1024):
+def hc_pre_triton(x, fn, scale, base, sinkhorn_iters=20, hc_eps=1e-6, norm_eps=1e-6, *, block_t=None, block_k=256,
+                  block_d=1024, programs=64):
     x = _streams(x)
     n, _, d = x.shape
     u = torch.empty(n, d, device=x.device, dtype=torch.bfloat16)
@@ -105,8 +105,12 @@ def hc_pre_triton(x, fn, scale, base, sinkhorn_iters=20, hc_eps=1e-6, norm_eps=1
         return u, post, comb
     fn = fn.float().contiguous()
     mix = torch.zeros(n, 32, device=x.device, dtype=torch.float32)  # 24 logits, sum(z^2), pad
+    if block_t is None:  # wide token tiles reuse each fn tile more (prefill); small ones split K more
+        block_t = 64 if n >= 1024 else 16
     n_tiles = triton.cdiv(n, block_t)
-    k_splits = max(1, min(triton.cdiv(4 * d, block_k), (2 * num_sms(x.device)) // n_tiles))
+    # about `programs` programs in all: K splits add parallelism for few tokens, but every split adds
+    # one atomic per logit and token
+    k_splits = max(1, min(triton.cdiv(4 * d, block_k), programs // n_tiles))
     k_per_split = triton.cdiv(triton.cdiv(4 * d, k_splits), block_k) * block_k
     _hc_logits_kernel[(n_tiles, triton.cdiv(4 * d, k_per_split))](
         x, x.stride(0), fn, fn.stride(0), mix, n, 4 * d, k_per_split,
