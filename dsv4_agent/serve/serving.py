@@ -163,9 +163,11 @@ class DSV4ServingChat(OpenAIServingChat):
             if msg.reasoning_content is None:
                 msg.reasoning_content = raw["reasoning"]
 
-    @staticmethod
-    def _settle_reasoning(request: ChatCompletionRequest) -> None:
-        """One decision: chat_template_kwargs.thinking (bool) and reasoning_effort (a V4 effort or "none")."""
+    def _settle_reasoning(self, request: ChatCompletionRequest) -> None:
+        """One decision: chat_template_kwargs.thinking (bool) and reasoning_effort (a V4 effort or "none").
+        Server defaults (`--default-chat-template-kwargs '{"thinking": false}'`) fill what the request leaves."""
+        if self.default_chat_template_kwargs:
+            request.chat_template_kwargs = {**self.default_chat_template_kwargs, **(request.chat_template_kwargs or {})}
         effort = request.reasoning_effort
         if effort is not None and not isinstance(effort, str):
             raise BadRequest(f"reasoning_effort: expected one of none, minimal, low, medium, high, xhigh, max; "
@@ -223,6 +225,8 @@ class DSV4ServingChat(OpenAIServingChat):
                 raise BadRequest(f"tool_choice.function.name: tool {choice.function.name!r} is not in tools")
         elif choice == "required" and not names:
             raise BadRequest("tool_choice: 'required' needs a non-empty tools list")
+        if request.top_logprobs is not None and not 0 <= request.top_logprobs <= 20:
+            raise BadRequest("top_logprobs: must be between 0 and 20")
         if request.n is not None and request.n < 1:
             raise BadRequest("n: must be at least 1")
         for key in ("max_tokens", "max_completion_tokens"):
