@@ -12,7 +12,8 @@ therefore only resumes where it holds a :class:`ResumeState`:
   resumes at exactly ``L`` and recomputes nothing of it. The incomplete page is private, so the first
   request that matches such a state claims it (the page moves into its row, as in notes section 7's
   experiment); later ones fall back to shallower states;
-* **page-aligned states** (``L = P``), shareable by any number of requests (the tail is copied): at
+* **page-aligned states** (``L = P``), shareable by any number of requests (the tail is copied): at the
+  last page boundary of every prompt (a client that re-sends an altered completion resumes there), at
   branch points (a match found pages beyond its deepest state, so the request snapshots where the pages
   end) and every ``DSV4_AGENT_RESUME_EVERY_PAGES`` pages of a prefill (default 16 = 2048 tokens; 0 = off;
   the knob trades ``tail_bytes`` per state for recompute).
@@ -140,7 +141,9 @@ class V4TailRadixCache(RadixCache):
         if rec is not None and rec.length == req.prefix_len:
             self.pool.pending[row] = rec.tail if rec.partial else rec.tail.clone()
         if row not in self.pool.snapshot_requests:  # a new row: where its prefill leaves resume states
-            points = set(range(self.every, len(req.origin_input_ids), self.every)) if self.every else set()
+            n = len(req.origin_input_ids)
+            points = set(range(self.every, n, self.every)) if self.every else set()
+            points.add(n - n % self.page_size)  # the prompt's last page boundary (a client may alter the reply)
             if req.rid in self.branch:
                 points.add(self.branch.pop(req.rid))
             self.pool.snapshot_requests[row] = {b for b in points if b > req.prefix_len}
