@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import get_golden, max_rel
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from model_golden import get_golden, max_rel
 
 from dsv4_agent.model import PAGE_SIZE, PagePool, SequenceCache, Step
 
@@ -19,10 +19,10 @@ def logits_of(model, seq, ids, **kw):
     ("t1-mixed", (1, 5, 127, 128, 131, 256, 299)),
     ("t3-smooth", (3, 128, 130, 256, 385, 512, 517, 520)),
 ])
-def test_restore_from_snapshot_matches_full_prefill(model_dir, case, splits):
+def test_restore_from_snapshot_matches_full_prefill(case, splits):
     """Snapshots taken inside one prefill call (not multiples of 4 / 128, and exactly at multiples of 128);
     restoring each and computing the rest gives logits_fp32 within 1e-5."""
-    g = get_golden(model_dir, case)
+    g = get_golden(case)
     model, ref = g.model, g.tensors["logits_fp32"]
     pool = PagePool(model.config, 64)
     seq = model.new_sequence(pool)
@@ -46,9 +46,9 @@ def test_restore_from_snapshot_matches_full_prefill(model_dir, case, splits):
     assert pool.num_free == pool.num_pages
 
 
-def test_snapshot_of_a_live_sequence(model_dir):
+def test_snapshot_of_a_live_sequence():
     """seq.snapshot() between calls equals the in-call snapshot; the original continues unaffected."""
-    g = get_golden(model_dir, "t1-mixed")
+    g = get_golden("t1-mixed")
     model, ref = g.model, g.tensors["logits_fp32"]
     pool = PagePool(model.config, 16)
     seq = model.new_sequence(pool)
@@ -61,10 +61,10 @@ def test_snapshot_of_a_live_sequence(model_dir):
 
 
 @pytest.mark.parametrize("case", ["t1-mixed", "t3-smooth"])
-def test_prefix_pages_are_shared_exactly(model_dir, case):
+def test_prefix_pages_are_shared_exactly(case):
     """Two sequences with a common prefix of k full pages: the second, built on the first's pages and the
     resume state snapshotted at the page boundary during the first's prefill, equals computing it alone."""
-    g = get_golden(model_dir, case)
+    g = get_golden(case)
     model, cfg = g.model, g.model.config
     k = 2
     boundary = k * PAGE_SIZE
@@ -92,10 +92,10 @@ def test_prefix_pages_are_shared_exactly(model_dir, case):
 
 
 @pytest.mark.parametrize("case", ["t1-mixed", "t3-smooth"])
-def test_batch_mixing_prefill_and_decodes(model_dir, case):
+def test_batch_mixing_prefill_and_decodes(case):
     """One forward over a fresh prefill, a decode at 200, a 6-token chunk at 127 and a decode crossing a page
     boundary equals each sequence alone (and the golden logits)."""
-    g = get_golden(model_dir, case)
+    g = get_golden(case)
     model, ref = g.model, g.tensors["logits_fp32"]
     pool = PagePool(model.config, 32)
     starts, lengths = [0, 200, 127, 255], [37, 1, 6, 1]
@@ -118,8 +118,8 @@ def test_batch_mixing_prefill_and_decodes(model_dir, case):
     assert len(seqs[3].pages) == 2  # the decode at 255 completed page 1
 
 
-def test_empty_batch_and_bad_steps(model_dir):
-    g = get_golden(model_dir, "t2-window")
+def test_empty_batch_and_bad_steps():
+    g = get_golden("t2-window")
     model = g.model
     pool = PagePool(model.config, 2)
     assert model.forward([]) == []
@@ -132,8 +132,8 @@ def test_empty_batch_and_bad_steps(model_dir):
         model.forward([Step(seq, g.ids[:3], snapshot_at=(5,))])
 
 
-def test_page_pool_accounting(model_dir):
-    g = get_golden(model_dir, "t3-smooth")
+def test_page_pool_accounting():
+    g = get_golden("t3-smooth")
     pool = PagePool(g.model.config, 2)
     seq = g.model.new_sequence(pool)
     logits_of(g.model, seq, g.ids[:256])
@@ -151,10 +151,10 @@ def test_page_pool_accounting(model_dir):
 
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(cuts=st.lists(st.integers(1, 519), min_size=1, max_size=5, unique=True), data=st.data())
-def test_any_chunking_with_restores_matches_prefill(model_dir, cuts, data):
+def test_any_chunking_with_restores_matches_prefill(cuts, data):
     """Property: splitting t3-smooth (no discrete decisions) into arbitrary chunks, and moving to a restored
     copy at an arbitrary chunk boundary, always reproduces the full-prefill golden logits."""
-    g = get_golden(model_dir, "t3-smooth")
+    g = get_golden("t3-smooth")
     model, ref = g.model, g.tensors["logits_fp32"]
     bounds = [0, *sorted(cuts), g.T]
     restore_at = data.draw(st.sampled_from(bounds[1:-1]))

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import CASES
+from model_golden import CASES, MODEL_DIR
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -22,16 +22,16 @@ from dsv4_agent.model import (
 from dsv4_agent.model.checkpoint import quantize_fp4_weight, quantize_fp8_weight
 
 
-def tiny_config(model_dir, **change) -> DeepSeekV4Config:
-    hf = load_config(model_dir / "t1-mixed").to_hf()
+def tiny_config(**change) -> DeepSeekV4Config:
+    hf = load_config(MODEL_DIR / "t1-mixed").to_hf()
     hf.update(change)
     return DeepSeekV4Config.from_hf(hf)
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_expected_tensors_match_the_released_layout(model_dir, case):
-    spec = expected_tensors(load_config(model_dir / case))
-    with safe_open(model_dir / case / "model.safetensors", "pt") as f:
+def test_expected_tensors_match_the_released_layout(case):
+    spec = expected_tensors(load_config(MODEL_DIR / case))
+    with safe_open(MODEL_DIR / case / "model.safetensors", "pt") as f:
         found = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
     assert found == {k: (s.shape, s.dtype) for k, s in spec.items()}
 
@@ -57,8 +57,8 @@ def test_parameter_counts_of_the_releases(shared_dir):
     assert round(pro[0]) == 1573 and round(pro[1], 1) == 25.8
 
 
-def test_random_checkpoint_round_trip(tmp_path, model_dir):
-    cfg = tiny_config(model_dir)
+def test_random_checkpoint_round_trip(tmp_path):
+    cfg = tiny_config()
     one = save_random_checkpoint(cfg, tmp_path / "one", seed=5)
     again = save_random_checkpoint(cfg, tmp_path / "again", seed=5)
     assert (one / "model.safetensors").read_bytes() == (again / "model.safetensors").read_bytes()
@@ -106,8 +106,8 @@ def test_quantizers_round_trip():
 
 
 @pytest.fixture()
-def written(tmp_path, model_dir):
-    cfg = tiny_config(model_dir, num_nextn_predict_layers=0, compress_ratios=[0, 4, 128])
+def written(tmp_path):
+    cfg = tiny_config(num_nextn_predict_layers=0, compress_ratios=[0, 4, 128])
     return save_random_checkpoint(cfg, tmp_path / "ckpt", seed=3)
 
 

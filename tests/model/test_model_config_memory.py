@@ -7,6 +7,7 @@ import json
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from model_golden import MODEL_DIR
 
 from dsv4_agent.model import (
     ConfigError,
@@ -35,10 +36,10 @@ def test_official_configs(shared_dir):
     assert DeepSeekV4Config.from_hf(flash.to_hf()) == flash
 
 
-def test_tiny_configs(model_dir):
-    t1 = load_config(model_dir / "t1-mixed")
+def test_tiny_configs():
+    t1 = load_config(MODEL_DIR / "t1-mixed")
     assert t1.compress_ratios == (0, 4, 128, 0) and t1.nope_head_dim == 64
-    t3 = load_config(model_dir / "t3-smooth")
+    t3 = load_config(MODEL_DIR / "t3-smooth")
     assert t3.num_nextn_predict_layers == 0 and t3.num_hash_layers == 2
 
 

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import check_tolerance, max_rel
+from model_golden import CASES, check_tolerance, get_golden, max_rel
 
 from dsv4_agent.model import reference_logits
 
 
-def test_fp32_prefill_logits_and_hidden(golden):
+@pytest.mark.parametrize("case", CASES)
+def test_fp32_prefill_logits_and_hidden(case):
+    golden = get_golden(case)
     out = reference_logits(golden.dir, golden.ids, return_hidden=True)
     assert out["logits"].shape == golden.tensors["logits_fp32"].shape
     check_tolerance(out["logits"], golden.tensors["logits_fp32"], golden.tolerances["logits_fp32"])
@@ -19,12 +21,16 @@ def test_fp32_prefill_logits_and_hidden(golden):
         check_tolerance(out["hidden"][i], golden.tensors[f"hidden_fp32.layer{i}"], golden.tolerances["hidden_fp32"])
 
 
-def test_fp32_prefill_then_decode(golden):
+@pytest.mark.parametrize("case", CASES)
+def test_fp32_prefill_then_decode(case):
+    golden = get_golden(case)
     out = reference_logits(golden.dir, golden.ids, prefill_len=golden.P)
     check_tolerance(out, golden.tensors["logits_decode_fp32"], golden.tolerances["logits_decode_fp32"])
 
 
-def test_mtp_logits(golden):
+@pytest.mark.parametrize("case", CASES)
+def test_mtp_logits(case):
+    golden = get_golden(case)
     if "mtp_logits_fp32" not in golden.tensors:
         with pytest.raises(ValueError, match="MTP"):
             reference_logits(golden.dir, golden.ids[:3], mode="mtp")
@@ -38,27 +44,35 @@ def test_mtp_logits(golden):
 
 
 @pytest.mark.parametrize("mode", ["fp32_sim", "quant"])
-def test_simulated_and_released_precision(golden, mode):
+@pytest.mark.parametrize("case", CASES)
+def test_simulated_and_released_precision(case, mode):
+    golden = get_golden(case)
     out = reference_logits(golden.dir, golden.ids, mode=mode)
     assert torch.isfinite(out).all()
     check_tolerance(out, golden.tensors[f"logits_{mode}"], golden.tolerances[f"logits_{mode}"])
 
 
-def test_fp32_sim_prefill_then_decode(golden):
+@pytest.mark.parametrize("case", CASES)
+def test_fp32_sim_prefill_then_decode(case):
     """With the KV FP8 / indexer FP4 simulations on, decoding through the cache (rounded values stored in
     pages and tails) stays within the case's fp32_sim tolerance."""
+    golden = get_golden(case)
     dec = reference_logits(golden.dir, golden.ids, mode="fp32_sim", prefill_len=golden.P)
     check_tolerance(dec, golden.tensors["logits_fp32_sim"], golden.tolerances["logits_fp32_sim"])
 
 
-def test_quant_prefill_then_decode_is_close(golden):
+@pytest.mark.parametrize("case", CASES)
+def test_quant_prefill_then_decode_is_close(case):
     """Released precision through the cache: within the reference's own prefill-vs-decode spread."""
+    golden = get_golden(case)
     dec = reference_logits(golden.dir, golden.ids, mode="quant", prefill_len=golden.P)
     check_tolerance(dec, golden.tensors["logits_quant"], golden.tolerances["logits_quant"])
 
 
-def test_selections_match_golden_topk(golden):
+@pytest.mark.parametrize("case", CASES)
+def test_selections_match_golden_topk(case):
     """Router and indexer decisions of the fp32 prefill equal the golden ones (sets, ascending)."""
+    golden = get_golden(case)
     from dsv4_agent.model import ops
 
     model = golden.model
@@ -92,6 +106,8 @@ def test_selections_match_golden_topk(golden):
         assert torch.equal(got, want), f"indexer layer {i}"
 
 
-def test_prefill_vs_golden_decode_consistency(golden):
+@pytest.mark.parametrize("case", CASES)
+def test_prefill_vs_golden_decode_consistency(case):
     """Sanity of the metric helper: the golden decode logits are within 1e-5 of the golden prefill."""
+    golden = get_golden(case)
     assert max_rel(golden.tensors["logits_decode_fp32"], golden.tensors["logits_fp32"]) <= 1e-5

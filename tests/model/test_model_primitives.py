@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from model_golden import MODEL_DIR
 from safetensors import safe_open
 
 from dsv4_agent.model import ops
 
 
 @pytest.fixture(scope="module")
-def prim(model_dir):
-    with safe_open(model_dir / "primitives" / "primitives.safetensors", "pt") as f:
+def prim():
+    with safe_open(MODEL_DIR / "primitives" / "primitives.safetensors", "pt") as f:
         return {k: f.get_tensor(k) for k in f.keys()}
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import max_rel
+from model_golden import MODEL_DIR, max_rel
 
 from dsv4_agent.model import DeepSeekV4Config, PagePool, Step, load_config, load_model, save_random_checkpoint
 
@@ -12,10 +12,10 @@ L = 140
 
 
 @pytest.fixture(scope="module")
-def smooth_model(tmp_path_factory, model_dir):
+def smooth_model(tmp_path_factory):
     """CSA (m=4), m=16 and HCA (m=128) layers, window 8, all hash-routed and top-k >= entries: a continuous
     function of the inputs, so chunking may only change rounding."""
-    hf = load_config(model_dir / "t1-mixed").to_hf()
+    hf = load_config(MODEL_DIR / "t1-mixed").to_hf()
     hf.update(compress_ratios=[4, 16, 128, 0], num_hidden_layers=3, num_hash_layers=3, index_topk=512,
               sliding_window=8, vocab_size=64)
     cfg = DeepSeekV4Config.from_hf(hf)

@@ -5,13 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from model_golden import MODEL_DIR
 
 from dsv4_agent.model import reference_logits
 
 
 @pytest.mark.parametrize("mode", ["fp32", "fp32_sim", "quant", "mtp"])
-def test_shapes_and_short_inputs(model_dir, mode):
-    d = model_dir / "t1-mixed"
+def test_shapes_and_short_inputs(mode):
+    d = MODEL_DIR / "t1-mixed"
     one = reference_logits(d, [0], mode=mode)
     assert one.shape == ((0 if mode == "mtp" else 1), 160) and one.dtype == torch.float32
     three = reference_logits(str(d), np.array([0, 5, 7]), mode=mode, prefill_len=1)
@@ -28,6 +29,6 @@ def test_shapes_and_short_inputs(model_dir, mode):
     ({"input_ids": [[0, 1]]}, "1-D"),
     ({"input_ids": [0, 1], "mode": "bf16"}, "mode must be one of"),
 ])
-def test_bad_arguments(model_dir, kwargs, message):
+def test_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        reference_logits(model_dir / "t1-mixed", **kwargs)
+        reference_logits(MODEL_DIR / "t1-mixed", **kwargs)

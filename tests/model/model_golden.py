@@ -1,11 +1,14 @@
-"""Fixtures for the model tests: golden cases, their loaded models, one thread."""
+"""Golden cases for the model tests: paths, loaded cases, metrics; one thread.
+
+A plain module, not a conftest.py: a second ``conftest`` module would shadow the root one that other test
+packages import by name."""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
-import pytest
 import torch
 from safetensors import safe_open
 
@@ -13,6 +16,9 @@ from dsv4_agent.model import load_model
 
 torch.set_num_threads(1)  # tiny models: one thread is fastest, and CI shares 2 cores
 
+# the same location rule as tests/conftest.py (``shared_dir``)
+SHARED = Path(os.environ.get("DSV4_SHARED", Path(__file__).resolve().parents[2].parent / "shared"))
+MODEL_DIR = SHARED / "conformance" / "model"
 CASES = ("t2-window", "t1-mixed", "t3-smooth")
 
 
@@ -33,22 +39,13 @@ class Golden:
         return load_model(self.dir, cache=True)
 
 
-@pytest.fixture(scope="session")
-def model_dir(shared_dir: Path) -> Path:
-    return shared_dir / "conformance" / "model"
-
-
 _GOLDEN: dict[str, Golden] = {}
 
 
-@pytest.fixture(scope="session", params=CASES)
-def golden(request, model_dir: Path) -> Golden:
-    return get_golden(model_dir, request.param)
-
-
-def get_golden(model_dir: Path, case: str) -> Golden:
+def get_golden(case: str) -> Golden:
+    """The conformance case ``case`` (loaded once per session)."""
     if case not in _GOLDEN:
-        _GOLDEN[case] = Golden(model_dir / case)
+        _GOLDEN[case] = Golden(MODEL_DIR / case)
     return _GOLDEN[case]
 
 
