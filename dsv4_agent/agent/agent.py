@@ -64,7 +64,7 @@ class Agent:
         return {t.name: t for t in self.tools}  # type: ignore[union-attr]
 
     def request_options(self) -> dict[str, Any]:
-        """Keyword arguments for `chat.completions.create` other than model/messages/stream.
+        """Request fields other than model/messages/stream (`extra_body` is merged into the body).
 
         The thinking switch is sent in the two spellings V4 servers read: DeepSeek's `thinking: {type}` and
         SGLang's `chat_template_kwargs.thinking`; the effort goes in the top-level `reasoning_effort`.

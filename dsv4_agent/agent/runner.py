@@ -28,6 +28,7 @@ from typing import Any
 import httpx
 import openai
 import pydantic
+from openai.types.chat import ChatCompletionChunk
 
 from dsv4_agent.agent.agent import Agent
 from dsv4_agent.agent.context import ContextPolicy
@@ -331,12 +332,15 @@ class Runner:
         while True:
             out.reset()
             try:
-                stream = await self.client.chat.completions.create(
-                    model=model,
-                    messages=messages,  # type: ignore[arg-type]
+                # `client.post` rather than `chat.completions.create`: the latter walks every message of the
+                # (growing) history through its TypedDict transform on each turn, which dominated the SDK's
+                # per-turn cost (benchmarks/agent_loop.py); the body here is already plain JSON.
+                stream = await self.client.post(
+                    "/chat/completions",
+                    body=_request_body(model, messages, options),
+                    cast_to=ChatCompletionChunk,
                     stream=True,
-                    stream_options={"include_usage": True},
-                    **options,
+                    stream_cls=openai.AsyncStream[ChatCompletionChunk],
                 )
                 async with stream:
                     async for chunk in stream:
@@ -615,6 +619,14 @@ def _as_messages(input: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
     if not isinstance(input, list) or not all(isinstance(m, dict) and "role" in m for m in input):
         raise TypeError("input: expected a string or a list of message dicts with a 'role'")
     return list(input)
+
+
+def _request_body(model: str, messages: list[dict[str, Any]], options: dict[str, Any]) -> dict[str, Any]:
+    """The JSON body of a streamed Chat Completions request; `extra_body` entries are merged at top level."""
+    body = {"model": model, "messages": messages, "stream": True, "stream_options": {"include_usage": True}}
+    body.update((k, v) for k, v in options.items() if k != "extra_body")
+    body.update(options.get("extra_body", {}))
+    return body
 
 
 def _usage(u: Any) -> Usage:
