@@ -272,9 +272,8 @@ def quantize_fp8_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def quantize_fp4_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 [out, in] -> (packed e2m1 int8 [out, in/2], float8_e8m0fnu [out, in/32])."""
-    sim = ops.fp4_sim(w, 32).float()  # values s * e2m1 with power-of-two s per 32 inputs
-    s = ops._pow2_ceil(w.view(w.shape[0], -1, 32).abs().amax(-1).clamp_min(ops.FP4_MAX * 2.0**-126) / ops.FP4_MAX)
-    codes = sim / s.repeat_interleave(32, 1)
+    s = ops.fp4_scales(w, 32)
+    codes = ops.fp4_sim(w, 32).float() / s.repeat_interleave(32, 1)  # the e2m1 values, s a power of two
     return ops.pack_fp4(codes), s.to(torch.float8_e8m0fnu)
 
 

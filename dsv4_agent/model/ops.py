@@ -87,10 +87,15 @@ def fp8_sim(x: torch.Tensor, block: int) -> torch.Tensor:
     return y.reshape(x.shape).to(torch.bfloat16).to(x.dtype)
 
 
+def fp4_scales(x: torch.Tensor, block: int = 32) -> torch.Tensor:
+    """Power-of-two e2m1 scales of ``x`` [..., n] per block along the last dim -> fp32 [..., n/block]."""
+    return _pow2_ceil(_blocks(x, block).float().abs().amax(-1).clamp_min(FP4_MAX * 2.0**-126) / FP4_MAX)
+
+
 def fp4_sim(x: torch.Tensor, block: int = 32) -> torch.Tensor:
     """FP4 e2m1 fake quantization (spec 2.4): x [..., n] -> same shape and dtype, ties to the even code."""
     xb = _blocks(x, block).float()
-    s = _pow2_ceil(xb.abs().amax(-1, keepdim=True).clamp_min(FP4_MAX * 2.0**-126) / FP4_MAX)
+    s = fp4_scales(x, block)[..., None]
     v = (xb / s).clamp(-FP4_MAX, FP4_MAX)
     grid = torch.tensor(FP4_VALUES, dtype=torch.float32, device=x.device)
     mids = (grid[1:] + grid[:-1]) / 2
