@@ -9,6 +9,7 @@ import time
 
 import pytest
 from agent_fakes import Reply, ThreadedScriptedServer
+from agent_fixtures import anyio_backend  # noqa: F401  (pytest fixture)
 
 from dsv4_agent.agent.builtin_tools import workspace_tools
 from dsv4_agent.agent.cli import main

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import completion_text
+from agent_fixtures import completion_text, v4_server_fixture  # noqa: F401  (pytest fixture `v4_server`)
 
 from dsv4_agent.agent import Agent, FinalOutput, Runner, ToolCallStarted, TurnUsage, tool
 from dsv4_agent.agent.cli import main as cli_main

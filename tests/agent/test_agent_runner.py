@@ -8,6 +8,7 @@ import time
 
 import pytest
 from agent_fakes import Broken, Hang, Reply, ScriptedEndpoint, Status
+from agent_fixtures import anyio_backend  # noqa: F401  (pytest fixture)
 
 from dsv4_agent.agent import (
     Agent,

@@ -9,6 +9,7 @@ from typing import Literal
 
 import pydantic
 import pytest
+from agent_fixtures import anyio_backend  # noqa: F401  (pytest fixture)
 from hypothesis import given
 from hypothesis import strategies as st
 

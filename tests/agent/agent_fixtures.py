@@ -1,4 +1,7 @@
-"""Agent SDK tests: async tests run on asyncio through anyio's pytest plugin (anyio comes with httpx).
+"""Fixtures of the agent tests, imported by name into each test module (no conftest.py here: a second
+`conftest` module would shadow the root one that other test folders import).
+
+`anyio_backend`: async tests run on asyncio through anyio's pytest plugin (anyio comes with httpx).
 
 `v4_server`: one real `dsv4-agent serve` process with the scripted test model, shared by the end-to-end
 tests of this folder (started on first use, with the serve package's own launcher). Set
@@ -58,8 +61,8 @@ def completion_text(
     return text[: -len(EOS)]
 
 
-@pytest.fixture(scope="session")
-def v4_server(tmp_path_factory: pytest.TempPathFactory):
+@pytest.fixture(scope="session", name="v4_server")
+def v4_server_fixture(tmp_path_factory: pytest.TempPathFactory):
     # Developers iterating on these tests can point at a scripted server they already run.
     if os.environ.get("DSV4_TEST_BASE_URL") and os.environ.get("DSV4_TEST_SCRIPT"):
         base = os.environ["DSV4_TEST_BASE_URL"].rstrip("/")
