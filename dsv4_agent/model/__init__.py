@@ -1,9 +1,18 @@
 """DeepSeek-V4 in PyTorch: config, official checkpoint loading, the forward pass and its paged cache.
 
-Public API: :func:`reference_logits` (conformance entry point), :class:`DeepSeekV4Config` /
-:func:`load_config`, :func:`load_model` / :func:`save_random_checkpoint`, the cache types
-(:class:`PagePool`, :class:`SequenceCache`, :class:`ResumeState`, :class:`TailState`), :class:`Step`,
-:func:`kv_bytes_per_token`. The functional ops live in :mod:`dsv4_agent.model.ops`.
+* :func:`reference_logits` - the documented entry point for conformance checks (modes fp32 / fp32_sim /
+  quant / mtp, optional prefill + decode split, per-layer hidden states).
+* :class:`DeepSeekV4Config` (``from_hf`` / ``from_file`` / ``to_hf``), :func:`load_config`, :func:`tiny_config`.
+* :func:`load_model` / :func:`load_state_dict` (official safetensors format, validated, dequantized, with
+  progress), :func:`save_random_checkpoint` (seeded random weights written in the released format),
+  :func:`expected_tensors`.
+* :class:`DeepSeekV4` with :meth:`~DeepSeekV4.forward` over :class:`Step` s (mixed prefills / decodes),
+  :meth:`~DeepSeekV4.forward_mtp`, :meth:`~DeepSeekV4.head_logits`.
+* The cache (see :mod:`dsv4_agent.model.cache`): :class:`PagePool`, :class:`SequenceCache`,
+  :class:`ResumeState`, :class:`TailState`, :class:`LayerTail`, ``PAGE_SIZE``.
+* :func:`kv_bytes_per_token`, :func:`kv_cache_bytes`, :func:`marginal_kv_bytes_per_token` (spec section 10).
+* :mod:`dsv4_agent.model.ops` - the functional pieces (quantizers, RoPE, mHC, compressor, indexer, sparse
+  attention, routing) with documented shapes; :class:`Numerics` selects the rounding mode.
 """
 
 from .cache import PAGE_SIZE, LayerTail, PagePool, ResumeState, SequenceCache, TailState
