@@ -53,6 +53,7 @@ class PackedEntries:
         raw = self.nope + 2 * self.rope + self.n_scales
         self.record = -(-raw // 8) * 8
         self.data = torch.zeros(num_pages, per_page, self.record, dtype=torch.uint8, device=device)
+        self.device = self.data.device
 
     def __getitem__(self, pages) -> torch.Tensor:
         rec = self.data[pages]
@@ -90,6 +91,7 @@ class PackedIndexKeys:
         self.dim, self.n_scales = dim, dim // 32
         self.record = dim // 2 + self.n_scales
         self.data = torch.zeros(num_pages, per_page, self.record, dtype=torch.uint8, device=device)
+        self.device = self.data.device
 
     def __getitem__(self, pages) -> torch.Tensor:
         rec = self.data[pages]

@@ -76,3 +76,32 @@ def test_packed_index_keys_are_lossless(rows):
 def test_page_size_must_hold_whole_pages(tiny_config):
     with pytest.raises(ValueError, match="page-size"):
         V4KVPool(tiny_config(), 1024, 64, packed=False)
+
+
+
+def test_packed_pool_forward_equals_plain_pool(tmp_path, tiny_config):
+    """Released numerics over SGLang-assigned packed pages == over the model's own fp32 page pool."""
+    from dsv4_agent.model import PAGE_SIZE, PagePool, SequenceCache, Step, TailState, load_model
+    from dsv4_agent.model import save_random_checkpoint as save
+    from dsv4_agent.serve.v4pool import PageView
+
+    cfg = tiny_config()
+    model = load_model(save(cfg, tmp_path / "ckpt", seed=11))
+    g = torch.Generator().manual_seed(1)
+    prompt = torch.randint(2, cfg.vocab_size, (301,), generator=g).tolist()
+    feeds = [prompt[:130], prompt[130:256], prompt[256:]]  # chunks crossing page boundaries, then decodes
+
+    plain = model.new_sequence(PagePool(cfg, 8))
+    pool = V4KVPool(cfg, 8 * 128, 128, packed=True)
+    free_pages = [6, 2, 5]  # SGLang's allocator hands out arbitrary pages
+    pages, tail = [], TailState.empty(cfg, list(range(cfg.n_layers)))
+    ref = None
+    for k in range(len(feeds) + 3):
+        ids = feeds[k] if k < len(feeds) else [int(ref.argmax())]
+        ref = model.forward([Step(plain, torch.tensor(ids))], numerics="quant")[0].logits[-1]
+        # what DSV4AgentForCausalLM.forward does per request: pages from SGLang, tail from the pool
+        new = [free_pages.pop(0) for _ in range(tail.length // PAGE_SIZE, (tail.length + len(ids)) // PAGE_SIZE)]
+        seq = SequenceCache(PageView(pool, new), pages, tail, None)
+        got = model.forward([Step(seq, torch.tensor(ids))], numerics="quant")[0].logits[-1]
+        pages, tail = seq.pages, seq.tail
+        assert torch.equal(got, ref)
