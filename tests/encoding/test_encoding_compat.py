@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from dsv4_agent.encoding import MessageError, encode_messages, normalize_messages, resolve_reasoning
 from dsv4_agent.encoding.compat import EFFORT_MODES
+from encoding_strategies import safe_text
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
 
@@ -161,3 +166,37 @@ def test_reasoning_alias_is_read_by_the_encoder_itself():
     history = [{"role": "user", "content": "q"}, {"role": "assistant", "reasoning": "R", "content": "A"},
                {"role": "user", "content": "q2"}]
     assert "R" not in encode_messages(history, "thinking")
+
+
+def _parts(text: str) -> list[dict]:
+    return [{"type": "text", "text": piece} for piece in text.split("|")]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["user", "assistant_call", "assistant", "system"]), safe_text), max_size=6),
+       st.sampled_from(["chat", "thinking"]))
+def test_client_shaped_conversations_always_encode(turns, mode):
+    """Content parts, `reasoning`, dict / empty arguments and object tool results never reach the prompt as
+    Python reprs or an `arguments` wrapper, and the result equals the hand-normalised conversation."""
+    client, manual = [{"role": "user", "content": "start"}], [{"role": "user", "content": "start"}]
+    for k, (kind, text) in enumerate(turns):
+        if kind == "user":
+            client.append({"role": "user", "content": _parts(text)})
+            manual.append({"role": "user", "content": "\n".join(text.split("|"))})
+        elif kind == "system":
+            client.append({"role": "developer", "content": _parts(text)})
+            manual.append({"role": "system", "content": "\n".join(text.split("|"))})
+        elif kind == "assistant":
+            client.append({"role": "assistant", "content": _parts(text), "reasoning": text})
+            manual.append({"role": "assistant", "content": "\n".join(text.split("|")), "reasoning_content": text})
+        else:
+            args = {"q": text, "n": k} if k % 2 else ""
+            client += [{"role": "assistant", "content": None, "tool_calls": [
+                {"id": f"c{k}", "type": "function", "function": {"name": "f", "arguments": args}}]},
+                {"role": "tool", "tool_call_id": f"c{k}", "content": {"r": text}}]
+            manual += [{"role": "assistant", "content": None, "tool_calls": [
+                {"id": f"c{k}", "type": "function", "function": {"name": "f", "arguments": json.dumps(args) if args else "{}"}}]},
+                {"role": "tool", "tool_call_id": f"c{k}", "content": json.dumps({"r": text}, ensure_ascii=False)}]
+    prompt = encode_messages(normalize_messages(client, tools=TOOLS), mode)
+    assert prompt == encode_messages([{"role": "system", "content": "", "tools": TOOLS}, *manual], mode)
+    assert 'name="arguments"' not in prompt and "<tool_result>{'" not in prompt
