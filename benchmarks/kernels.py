@@ -125,11 +125,11 @@ def model_kv(*shape):
 
 
 ATTN_CONFIGS = {  # (block_h, block_n, num_warps, num_stages, num_splits); None = the dispatch default
-    "default": (None, 32, 4, 2, None),
+    "default": (None, 32, None, 2, None),
     "h16n32w4s3": (16, 32, 4, 3, None),
     "h32n32w4": (32, 32, 4, 2, None),
     "h32n64w8s3": (32, 64, 8, 3, None),
-    "h64n64w8": (64, 64, 8, 2, None),
+    "h64n32w8": (64, 32, 8, 2, None),
 }
 
 
@@ -223,7 +223,7 @@ def bench_indexer(copy_gbs, batches, contexts):
             scores = [indexer_scores_triton(s["q"], s["w"], keys, s["table"], s["q_seq"], s["n_avail"], n)
                       for s in sets]
             torch_us = bench_us(lambda: torch.topk(scores[0], TOPK, dim=-1))
-            for chunk in (2048, 4096, 16384):
+            for chunk in (2048, 4096, 8192):
                 us = graph_time_us([lambda sc=sc, s=s: topk_indices_triton(sc, s["n_avail"], TOPK, chunk=chunk)
                                     for sc, s in zip(scores, sets, strict=True)])
                 record("topk512", f"b={batch} n={n}", us, batch * n * 4, copy_gbs, torch_us,
@@ -279,6 +279,11 @@ def bench_compressor(copy_gbs, quick):
                 nbytes = 2 * tokens * kappa * c * s["kv"].element_size() + tokens // ratio * c * 2
                 us = graph_time_us([lambda: compress_tokens_triton(*compressor_args(s), ratio, indexer,
                                                                    max_seqlen=tokens)] * 2)
+                if indexer:
+                    alt = graph_time_us([lambda: compress_tokens_triton(*compressor_args(s), ratio, indexer,
+                                                                        max_seqlen=tokens, hadamard="butterfly")] * 2)
+                    record(f"compress_bulk_{name}_butterfly", f"tokens={tokens} in={str(dtype)[6:]}", alt, nbytes,
+                           copy_gbs)
                 torch_us = None
                 if tokens == 8192 and dtype == torch.float32:
                     torch_us = bench_us(lambda: compress_tokens_ref(*compressor_args(s), ratio, indexer), rep_ms=50)

@@ -51,13 +51,24 @@ def _round_e2m1(v):
 
 
 @triton.jit
+def _fwht(x, C: tl.constexpr, LOG2C: tl.constexpr):
+    """x @ H_C (Sylvester order) by butterflies: stage s maps pairs (a, b) at distance 2**s to (a+b, a-b)."""
+    for s in tl.static_range(LOG2C):
+        x3 = tl.permute(tl.reshape(x, (C >> (s + 1), 2, 1 << s)), (0, 2, 1))  # [block, offset, half]
+        a, b = tl.split(x3)
+        x = tl.reshape(tl.permute(tl.join(a + b, a - b), (0, 2, 1)), (C,))
+    return x
+
+
+@triton.jit
 def _compress_entry_kernel(
     kv_ptr, score_ptr, stride_tok, ape_ptr, norm_w_ptr, inv_freq_ptr,
     cu_ptr, start_ptr, st_kv_ptr, st_score_ptr, stride_slot, stride_strow, slot_ptr,
     out_ptr, stride_page, stride_pslot, page_size, pt_ptr, stride_pt, had_ptr, eps,
     RATIO: tl.constexpr, KAPPA: tl.constexpr, C: tl.constexpr, ROWS: tl.constexpr,
     INDEXER: tl.constexpr, PACK_FP8: tl.constexpr, ROPE: tl.constexpr, QB: tl.constexpr,
-    ROPE_OFF: tl.constexpr, SCALE_OFF: tl.constexpr, INTERP: tl.constexpr,
+    ROPE_OFF: tl.constexpr, SCALE_OFF: tl.constexpr, INTERP: tl.constexpr, HAD_BUTTERFLY: tl.constexpr,
+    LOG2C: tl.constexpr,
 ):
     b = tl.program_id(0)
     tok0 = tl.load(cu_ptr + b)
@@ -113,11 +124,14 @@ def _compress_entry_kernel(
         page = tl.load(pt_ptr + b.to(tl.int64) * stride_pt + i // page_size).to(tl.int64)
         dst = out_ptr + page * stride_page + (i % page_size).to(tl.int64) * stride_pslot
         if INDEXER:
-            # Hadamard rotation y = x H / sqrt(C) on the tensor cores: x is bf16-exact and H is +-1, so
-            # the products are exact (rows of the broadcast operand are identical; max picks one)
-            hmat = tl.load(had_ptr + tl.arange(0, C)[:, None] * C + ch[None, :])
-            xb = tl.broadcast_to(x.to(tl.bfloat16)[None, :], (16, C))
-            y = tl.max(dot(xb, hmat, INTERP), 0) * (C ** -0.5)
+            if HAD_BUTTERFLY:
+                y = _fwht(x, C, LOG2C) * (C ** -0.5)
+            else:
+                # y = x H / sqrt(C) on the tensor cores: x is bf16-exact and H is +-1, so the products
+                # are exact (rows of the broadcast operand are identical; max picks one)
+                hmat = tl.load(had_ptr + tl.arange(0, C)[:, None] * C + ch[None, :])
+                xb = tl.broadcast_to(x.to(tl.bfloat16)[None, :], (16, C))
+                y = tl.max(dot(xb, hmat, INTERP), 0) * (C ** -0.5)
             y = tl.reshape(round_bf16(y), (C // QB, QB))
             scale, _ = _pow2_ceil(tl.maximum(tl.max(tl.abs(y), 1), 6.0 * 2.0 ** -126) / 6.0)
             q = _round_e2m1(tl.minimum(tl.maximum(y / scale[:, None], -6.0), 6.0)) * scale[:, None]
@@ -169,7 +183,7 @@ def _hadamard_bf16(n: int, device: torch.device) -> torch.Tensor:
 
 def compress_tokens_triton(kv, score, ape, norm_weight, inv_freq, cu_seqlens, start_pos, state_kv, state_score,
                            state_slot, out, page_table, ratio, indexer=False, eps=1e-6, max_seqlen=None, *,
-                           rows=8, num_warps=4):
+                           rows=None, num_warps=None, hadamard="dot"):
     kappa = 2 if ratio == 4 else 1
     n_seq = start_pos.shape[0]
     kc = kv.shape[1]
@@ -179,16 +193,20 @@ def compress_tokens_triton(kv, score, ape, norm_weight, inv_freq, cu_seqlens, st
         raise ValueError("kv/score: need the same strides with contiguous channels")
     if max_seqlen is None:
         max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
-    rows = min(rows, kappa * ratio)
+    c = kc // kappa
+    if rows is None:  # candidate rows per tile: all 8 for CSA, 32 for HCA's 128 (fewer serial steps)
+        rows = min(kappa * ratio, 32 if ratio >= 32 else 8)
+    if num_warps is None:
+        num_warps = 8 if rows * c >= 8192 else 4
     pack = out.dtype == torch.uint8
     _compress_entry_kernel[(n_seq, triton.cdiv(max_seqlen, ratio))](
         kv, score, kv.stride(0), ape, norm_weight, inv_freq,
         cu_seqlens, start_pos, state_kv, state_score, state_kv.stride(0), state_kv.stride(1), state_slot,
         out, out.stride(0), out.stride(1), out.shape[1], page_table, page_table.stride(0),
-        _hadamard_bf16(kc // kappa, kv.device) if indexer else norm_weight, eps,
-        RATIO=ratio, KAPPA=kappa, C=kc // kappa, ROWS=rows, INDEXER=indexer, PACK_FP8=pack, ROPE=ROPE_DIM,
+        _hadamard_bf16(c, kv.device) if indexer else norm_weight, eps,
+        RATIO=ratio, KAPPA=kappa, C=c, ROWS=rows, INDEXER=indexer, PACK_FP8=pack, ROPE=ROPE_DIM,
         QB=FP4_BLOCK if indexer else FP8_BLOCK, ROPE_OFF=KV_FP8_ROPE_OFFSET, SCALE_OFF=KV_FP8_SCALE_OFFSET,
-        INTERP=INTERPRET,
+        INTERP=INTERPRET, HAD_BUTTERFLY=hadamard == "butterfly", LOG2C=c.bit_length() - 1,
         num_warps=num_warps,
     )
     _state_append_kernel[(n_seq, kappa * ratio)](

@@ -4,10 +4,10 @@ Scoring: one program = one query x BLOCK_N entries; the query's [H_I, D_I] tile 
 and `keys @ q^T` gives all heads at once, then ReLU, head weights and the head sum.
 
 Top-k is a radix select on the order-preserving uint32 image of the fp32 scores, in three launches:
-1. histogram of the top 11 bits over all available scores (many programs, atomics per bin);
+1. histogram of the top 8 bits over all available scores (many programs, atomics per bin);
 2. each program finds the threshold bin from the histogram, writes the indices of scores in higher
    bins straight to the output and appends those in the threshold bin to a candidate list;
-3. one program per query refines the candidates over the remaining 21 bits (3 rounds of 7 bits; in
+3. one program per query refines the candidates over the remaining 24 bits (3 rounds of 8 bits; in
    registers when they fit one tile), emits the winners, takes exact ties in list order, pads with -1.
 """
 
@@ -17,16 +17,18 @@ import torch
 import triton
 import triton.language as tl
 
-from .numerics import FP4_BLOCK, exp2i, fp8_block_scale_exponent
+from .numerics import FP4_BLOCK
 from .triton_utils import INTERPRET, dot
 
-TOP_BITS = 11  # radix of the first (parallel) pass
-SUB_BITS = 7  # radix of each of the 3 refinement rounds: 11 + 3 * 7 = 32
+# Radix of the first (parallel) pass and of each of the 3 refinement rounds: 8 + 3 * 8 = 32 bits.
+# Triton's histogram costs about (bins / 32) operations per element and thread, so bins stay few.
+TOP_BITS = 8
+SUB_BITS = 8
 
 
 @triton.jit
 def _index_scores_kernel(
-    q_ptr, stride_qt, stride_qh, q_scale_ptr, w_ptr, stride_wt,
+    q_ptr, stride_qt, stride_qh, w_ptr, stride_wt,
     keys_ptr, stride_page, page_size, pt_ptr, stride_pt, q_seq_ptr, n_avail_ptr,
     out_ptr, stride_ot, n_max,
     HI: tl.constexpr, DI: tl.constexpr, BLOCK_N: tl.constexpr, FP8: tl.constexpr, SB: tl.constexpr,
@@ -40,32 +42,28 @@ def _index_scores_kernel(
         valid = e < n
         offs_h = tl.arange(0, HI)
         offs_d = tl.arange(0, DI)
+        q = tl.load(q_ptr + t.to(tl.int64) * stride_qt + offs_h[:, None] * stride_qh + offs_d[None, :])
         w = tl.load(w_ptr + t.to(tl.int64) * stride_wt + offs_h).to(tl.float32)
         seq = tl.load(q_seq_ptr + t).to(tl.int64)
         page = tl.load(pt_ptr + seq * stride_pt + e // page_size, mask=valid, other=0).to(tl.int64)
         slot = e % page_size
-        q_row = q_ptr + t.to(tl.int64) * stride_qt + offs_h[:, None] * stride_qh
         if FP8:
-            # Per 32-dim block b: dot of e4m3 codes on the tensor cores (FP4-simulated keys and queries
-            # are exact there), then the key and query block scales: s += (k_b . q_b) * sk_b * sq_b.
-            # Page bytes: [page_size, DI] e4m3 codes, then [page_size, DI // SB] ue8m0 exponents.
+            # page bytes: [page_size, DI] e4m3 codes, then [page_size, DI // SB] ue8m0 exponents
             NB: tl.constexpr = DI // SB
             page_ptr = keys_ptr + page * stride_page
-            el = tl.arange(0, SB)
-            s = tl.zeros([BLOCK_N, HI], tl.float32)
-            for b in tl.static_range(NB):
-                kc = tl.load(page_ptr[:, None] + slot[:, None] * DI + b * SB + el[None, :], mask=valid[:, None],
-                             other=0).to(tl.float8e4nv, bitcast=True)
-                qc = tl.load(q_row + b * SB + el[None, :]).to(tl.float8e4nv, bitcast=True)
-                sk = tl.load(page_ptr + page_size * DI + slot * NB + b, mask=valid, other=127)
-                sk = (sk.to(tl.int32) << 23).to(tl.float32, bitcast=True)
-                sq = tl.load(q_scale_ptr + t.to(tl.int64) * HI * NB + offs_h * NB + b)
-                s += dot(kc, tl.trans(qc), INTERP) * sk[:, None] * sq[None, :]
+            blk = tl.arange(0, NB)[None, :, None]
+            el = tl.arange(0, SB)[None, None, :]
+            codes = tl.load(page_ptr[:, None, None] + slot[:, None, None] * DI + blk * SB + el,
+                            mask=valid[:, None, None], other=0)
+            sc = tl.load(page_ptr[:, None] + page_size * DI + slot[:, None] * NB + tl.arange(0, NB)[None, :],
+                         mask=valid[:, None], other=127)
+            scale = (sc.to(tl.int32) << 23).to(tl.float32, bitcast=True)
+            k3 = codes.to(tl.float8e4nv, bitcast=True).to(tl.float32) * scale[:, :, None]
+            k = tl.reshape(k3, (BLOCK_N, DI)).to(tl.bfloat16)
         else:
-            q = tl.load(q_row + offs_d[None, :])
             rows = page * page_size + slot
             k = tl.load(keys_ptr + rows[:, None] * stride_page + offs_d[None, :], mask=valid[:, None], other=0.0)
-            s = dot(k, tl.trans(q), INTERP)  # [BLOCK_N, HI]
+        s = dot(k, tl.trans(q), INTERP)  # [BLOCK_N, HI]
         score = tl.sum(tl.maximum(s, 0.0) * w[None, :], 1)
         tl.store(out_ptrs, tl.where(valid, score, float("-inf")), mask=e < n_max)
     else:  # nothing available in this block
@@ -79,18 +77,11 @@ def indexer_scores_triton(q, weights, keys, page_table, q_seq, n_avail, n_max, p
     if t == 0 or n_max == 0:
         return out
     fp8 = keys.dtype == torch.uint8
-    if fp8:
-        # queries as e4m3 codes with one power-of-two scale per 32 dims (exact for FP4-simulated queries)
-        exponent = fp8_block_scale_exponent(q, FP4_BLOCK)  # [T, HI, DI // 32]
-        q_scale = exp2i(exponent).contiguous()
-        q = (q.float().unflatten(-1, (-1, FP4_BLOCK)) / q_scale[..., None]).clamp(-448, 448)
-        q = q.to(torch.float8_e4m3fn).flatten(-2).view(torch.uint8).contiguous()
-    else:
+    if not fp8:
         page_size = keys.shape[1]
         keys = keys.flatten(0, 1)
-        q_scale = weights  # unused
     _index_scores_kernel[(t, triton.cdiv(n_max, block_n))](
-        q, q.stride(0), q.stride(1), q_scale, weights, weights.stride(0),
+        q, q.stride(0), q.stride(1), weights, weights.stride(0),
         keys, keys.stride(0), page_size, page_table, page_table.stride(0), q_seq, n_avail,
         out, out.stride(0), n_max,
         HI=hi, DI=di, BLOCK_N=block_n, FP8=fp8, SB=FP4_BLOCK, INTERP=INTERPRET, num_warps=num_warps,
@@ -227,12 +218,14 @@ def _topk_finish_kernel(scores_ptr, stride_s, n_avail_ptr, n_cols, k, hist_ptr, 
         tl.store(out_row + c0 + offs, tl.full([BLOCK], -1, tl.int32), mask=c0 + offs < k)
 
 
-def topk_indices_triton(scores: torch.Tensor, n_avail: torch.Tensor, k: int, *, chunk: int = 4096,
-                        block: int = 2048) -> torch.Tensor:
+def topk_indices_triton(scores: torch.Tensor, n_avail: torch.Tensor, k: int, *, chunk: int | None = None,
+                        block: int = 8192) -> torch.Tensor:
     t, n = scores.shape
     out = torch.empty(t, k, device=scores.device, dtype=torch.int32)
     if t == 0 or k == 0:
         return out
+    if chunk is None:  # measured on H100: smaller chunks (more programs) win for a few rows
+        chunk = 2048 if t < 8 else 4096
     nbins = 1 << TOP_BITS
     work = torch.zeros(t, nbins + 2, device=scores.device, dtype=torch.int32)  # histogram + 2 counters
     cand = torch.empty(t, max(n, 1), device=scores.device, dtype=torch.int32)
@@ -242,5 +235,5 @@ def topk_indices_triton(scores: torch.Tensor, n_avail: torch.Tensor, k: int, *, 
     _topk_split_kernel[grid](*common, k, work, work.stride(0), out, out.stride(0), cand, cand.stride(0),
                              CHUNK=chunk, TOP_BITS=TOP_BITS, num_warps=8)
     _topk_finish_kernel[(t,)](*common, k, work, work.stride(0), out, out.stride(0), cand, cand.stride(0),
-                              BLOCK=block, TOP_BITS=TOP_BITS, SUB_BITS=SUB_BITS, num_warps=4)
+                              BLOCK=block, TOP_BITS=TOP_BITS, SUB_BITS=SUB_BITS, num_warps=8)
     return out

@@ -1,8 +1,8 @@
 """Triton kernels for `mhc.hc_pre` / `mhc.hc_post` (semantics there).
 
 hc_pre, two launches: (1) the 24 mixing logits and sum(z^2) of z = flatten(X), split over tokens x
-K ranges so that even one token fills the GPU (partial sums meet by atomic adds); (2) per token and
-d-slice: sigmoids, the 20 Sinkhorn iterations on the 4x4 matrix, and u = sum_j pre_j X_j.
+K ranges so that even one token fills the GPU (one partial row per split); (2) per token and d-slice:
+sum of the partials, sigmoids, the 20 Sinkhorn iterations on the 4x4 matrix, u = sum_j pre_j X_j.
 hc_post: elementwise over [4, BLOCK_D] slices of each token.
 """
 
@@ -12,13 +12,14 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_utils import INTERPRET, dot, round_bf16
+from .triton_utils import INTERPRET, dot, num_sms, round_bf16
 
 
 @triton.jit
-def _hc_logits_kernel(x_ptr, stride_xn, fn_ptr, stride_fn, mix_ptr, n_tok, k_total, k_per_split,
+def _hc_logits_kernel(x_ptr, stride_xn, fn_ptr, stride_fn, part_ptr, n_tok, k_total, k_per_split,
                       BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, INTERP: tl.constexpr):
-    """mix[n, 0:24] += fn[:, ks] . z[n, ks]; mix[n, 24] += sum(z[n, ks]^2) over this program's K range."""
+    """part[split, n, 0:24] = fn[:, ks] . z[n, ks]; part[split, n, 24] = sum(z[n, ks]^2) over this
+    program's K range ks."""
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     mask_t = offs_t < n_tok
     rows = tl.arange(0, 32)
@@ -40,23 +41,31 @@ def _hc_logits_kernel(x_ptr, stride_xn, fn_ptr, stride_fn, mix_ptr, n_tok, k_tot
         f_lo = (f - f_hi.to(tl.float32)).to(tl.bfloat16)
         acc += dot(z, tl.trans(f_hi), INTERP) + dot(z, tl.trans(f_lo), INTERP)
     acc = tl.where(rows[None, :] == 24, sumsq[:, None], acc)
-    tl.atomic_add(mix_ptr + offs_t[:, None] * 32 + rows[None, :], acc, mask=mask_t[:, None] & (rows < 25)[None, :])
+    dst = part_ptr + (tl.program_id(1) * n_tok + offs_t).to(tl.int64)[:, None] * 32 + rows[None, :]
+    tl.store(dst, acc, mask=mask_t[:, None])
 
 
 @triton.jit
-def _hc_mix_kernel(x_ptr, stride_xn, mix_ptr, scale_ptr, base_ptr, u_ptr, stride_un, post_ptr, comb_ptr,
-                   d, iters, hc_eps, norm_eps, BLOCK_D: tl.constexpr):
-    """Per token: sigmoids + Sinkhorn on the 24 logits (recomputed by every d-slice program, it is
-    tiny), then u[slice] = sum_j pre_j X_j[slice]."""
+def _hc_mix_kernel(x_ptr, stride_xn, part_ptr, n_tok, n_splits, scale_ptr, base_ptr, u_ptr, stride_un, post_ptr,
+                   comb_ptr, d, iters, hc_eps, norm_eps, BLOCK_D: tl.constexpr, SPLITS: tl.constexpr):
+    """Per token: sum the K-split partial logits, sigmoids + Sinkhorn (recomputed by every d-slice
+    program, it is tiny), then u[slice] = sum_j pre_j X_j[slice]."""
     n = tl.program_id(0).to(tl.int64)
+    sp = tl.arange(0, SPLITS)
+    c32 = tl.arange(0, 32)
+    mix = tl.sum(tl.load(part_ptr + (sp.to(tl.int64)[:, None] * n_tok + n) * 32 + c32[None, :],
+                         mask=(sp < n_splits)[:, None], other=0.0), 0)  # [32]: 24 logits, sum(z^2)
     j4 = tl.arange(0, 4)
-    rho = tl.rsqrt(tl.load(mix_ptr + n * 32 + 24) / (4 * d) + norm_eps)
-    pre = tl.sigmoid(tl.load(scale_ptr) * rho * tl.load(mix_ptr + n * 32 + j4) + tl.load(base_ptr + j4)) + hc_eps
     jk = j4[:, None] * 4 + j4[None, :]
-    logits = tl.load(scale_ptr + 2) * rho * tl.load(mix_ptr + n * 32 + 8 + jk) + tl.load(base_ptr + 8 + jk)
+    rho = tl.rsqrt(tl.sum(tl.where(c32 == 24, mix, 0.0), 0) / (4 * d) + norm_eps)
+    mu = mix * rho
+    pre_mu = tl.sum(tl.where(c32[None, :] == j4[:, None], mu[None, :], 0.0), 1)  # mu[0:4]
+    pre = tl.sigmoid(tl.load(scale_ptr) * pre_mu + tl.load(base_ptr + j4)) + hc_eps
+    comb_mu = tl.sum(tl.where(c32[None, None, :] == 8 + jk[:, :, None], mu[None, None, :], 0.0), 2)  # mu[8:24]
+    logits = tl.load(scale_ptr + 2) * comb_mu + tl.load(base_ptr + 8 + jk)
     if tl.program_id(1) == 0:
-        post = 2.0 * tl.sigmoid(tl.load(scale_ptr + 1) * rho * tl.load(mix_ptr + n * 32 + 4 + j4)
-                                + tl.load(base_ptr + 4 + j4))
+        post_mu = tl.sum(tl.where(c32[None, :] == 4 + j4[:, None], mu[None, :], 0.0), 1)  # mu[4:8]
+        post = 2.0 * tl.sigmoid(tl.load(scale_ptr + 1) * post_mu + tl.load(base_ptr + 4 + j4))
         # Sinkhorn: softmax over k + eps, column normalisation, then iters-1 x (row, column)
         c = tl.exp(logits - tl.max(logits, 1)[:, None])
         c = c / tl.sum(c, 1)[:, None] + hc_eps
@@ -95,7 +104,7 @@ def _streams(x: torch.Tensor) -> torch.Tensor:
 
 
 def hc_pre_triton(x, fn, scale, base, sinkhorn_iters=20, hc_eps=1e-6, norm_eps=1e-6, *, block_t=None, block_k=256,
-                  block_d=1024, programs=64):
+                  block_d=1024):
     x = _streams(x)
     n, _, d = x.shape
     u = torch.empty(n, d, device=x.device, dtype=torch.bfloat16)
@@ -104,21 +113,22 @@ def hc_pre_triton(x, fn, scale, base, sinkhorn_iters=20, hc_eps=1e-6, norm_eps=1
     if n == 0:
         return u, post, comb
     fn = fn.float().contiguous()
-    mix = torch.zeros(n, 32, device=x.device, dtype=torch.float32)  # 24 logits, sum(z^2), pad
     if block_t is None:  # wide token tiles reuse each fn tile more (prefill); small ones split K more
         block_t = 64 if n >= 1024 else 16
     n_tiles = triton.cdiv(n, block_t)
-    # about `programs` programs in all: K splits add parallelism for few tokens, but every split adds
-    # one atomic per logit and token
-    k_splits = max(1, min(triton.cdiv(4 * d, block_k), programs // n_tiles))
+    # about two waves of programs: K splits add parallelism when there are few tokens
+    k_splits = max(1, min(triton.cdiv(4 * d, block_k), (2 * num_sms(x.device)) // n_tiles))
     k_per_split = triton.cdiv(triton.cdiv(4 * d, k_splits), block_k) * block_k
-    _hc_logits_kernel[(n_tiles, triton.cdiv(4 * d, k_per_split))](
-        x, x.stride(0), fn, fn.stride(0), mix, n, 4 * d, k_per_split,
+    k_splits = triton.cdiv(4 * d, k_per_split)
+    part = torch.empty(k_splits, n, 32, device=x.device, dtype=torch.float32)  # 24 logits, sum(z^2), pad
+    _hc_logits_kernel[(n_tiles, k_splits)](
+        x, x.stride(0), fn, fn.stride(0), part, n, 4 * d, k_per_split,
         BLOCK_T=block_t, BLOCK_K=block_k, INTERP=INTERPRET, num_warps=4,
     )
     _hc_mix_kernel[(n, triton.cdiv(d, block_d))](
-        x, x.stride(0), mix, scale.float().contiguous(), base.float().contiguous(), u, u.stride(0), post, comb,
-        d, sinkhorn_iters, hc_eps, norm_eps, BLOCK_D=block_d, num_warps=4,
+        x, x.stride(0), part, n, k_splits, scale.float().contiguous(), base.float().contiguous(), u, u.stride(0),
+        post, comb, d, sinkhorn_iters, hc_eps, norm_eps, BLOCK_D=block_d, SPLITS=triton.next_power_of_2(k_splits),
+        num_warps=4,
     )
     return u, post, comb
 

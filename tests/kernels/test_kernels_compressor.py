@@ -148,3 +148,18 @@ def test_full_shapes_gpu(ratio, c, indexer):
     torch.manual_seed(5)
     layer.run(lens, starts, compress_tokens, out_state)
     _compare(layer, ref_state, out_state, tol=1e-2)
+
+
+def test_hadamard_butterfly_variant_matches_reference(device):
+    """The indexer compressor's butterfly Hadamard (alternative to the tensor-core product)."""
+    from functools import partial
+
+    from dsv4_agent.kernels.triton_compressor import compress_tokens_triton
+
+    layer = Layer(4, 128, True, page_size=4, n_seq=2, device=device)
+    ref_state, out_state = layer.clone_state(), layer.clone_state()
+    torch.manual_seed(11)
+    layer.run([9, 6], [0, 3], compress_tokens_ref, ref_state)
+    torch.manual_seed(11)
+    layer.run([9, 6], [0, 3], partial(compress_tokens_triton, hadamard="butterfly"), out_state)
+    _compare(layer, ref_state, out_state, tol=1e-2)

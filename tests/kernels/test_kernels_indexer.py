@@ -51,9 +51,9 @@ def test_topk_random(rows, n_cols, k, device, force_triton):
     assert_same_selection(out, scores, n_avail, k)
 
 
-@pytest.mark.parametrize("kind", ["few_values", "all_equal", "relu_zeros"])
-def test_topk_ties(kind, device, force_triton):
-    n = 3000
+@pytest.mark.parametrize("kind,n", [("few_values", 3000), ("all_equal", 3000), ("relu_zeros", 3000),
+                                    ("all_equal", 9000)])  # the last: more candidates than one register tile
+def test_topk_ties(kind, n, device, force_triton):
     if kind == "few_values":
         scores = torch.randint(0, 5, (2, n), device=device).float()
     elif kind == "all_equal":
