@@ -31,8 +31,12 @@ from agents import (
 from openai import AsyncOpenAI
 from openai.types.shared import Reasoning
 
+# openai-agents makes strict JSON-schema tools by default; the server then constrains the arguments with a
+# grammar. Non-strict tools are plain function tools. DSV4_STRICT_TOOLS=1 switches strict mode on.
+STRICT = os.environ.get("DSV4_STRICT_TOOLS") == "1"
 
-@function_tool
+
+@function_tool(strict_mode=STRICT)
 def multiply(a: float, b: float) -> float:
     """Multiply two numbers.
 
@@ -43,7 +47,7 @@ def multiply(a: float, b: float) -> float:
     return a * b
 
 
-@function_tool
+@function_tool(strict_mode=STRICT)
 def add(a: float, b: float) -> float:
     """Add two numbers.
 

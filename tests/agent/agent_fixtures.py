@@ -71,5 +71,6 @@ def v4_server_fixture(tmp_path_factory: pytest.TempPathFactory):
     from dsv4_agent.serve.testing import scripted_server
 
     server, script = scripted_server(tmp_path_factory.mktemp("agent-v4-server"))
+    server.startup_timeout = max(server.startup_timeout, 600.0)  # a first start also trains the tokenizer
     with server:
         yield V4Server(base_url=server.base_url + "/v1", script=script, model=server.model_name())

@@ -322,7 +322,21 @@ def test_openhands_llm_litellm_call(v4_server):
         assert second.content == f"done {send_reasoning}"
 
 
-def test_openai_agents_example_in_its_own_venv(v4_server, tmp_path):
+@pytest.mark.parametrize(
+    "strict",
+    [
+        False,
+        pytest.param(
+            True,
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="server bug: tools with strict=true get HTTP 400 'Failed to compile structural_tag "
+                "grammar ... One tag does not match any trigger' (reported to the lead)",
+            ),
+        ),
+    ],
+)
+def test_openai_agents_example_in_its_own_venv(v4_server, strict):
     """The real openai-agents package (needs openai>=3, so it runs from a separate venv, talking HTTP)."""
     from agent_clients import client_python
 
@@ -339,6 +353,7 @@ def test_openai_agents_example_in_its_own_venv(v4_server, tmp_path):
         },
     )
     env = {**os.environ, "DSV4_BASE_URL": v4_server.base_url, "DSV4_MODEL": v4_server.model}
+    env["DSV4_STRICT_TOOLS"] = "1" if strict else "0"
     proc = subprocess.run(
         [str(python), str(EXAMPLES / "openai_agents_dsv4.py"), "What's 12 * 34 + 5?"],
         env=env, capture_output=True, text=True, timeout=180,
