@@ -1,4 +1,5 @@
-"""The xgrammar structural tag that forces a schema-valid DSML tool block (tool_choice required / named).
+"""xgrammar structural tags for schema-valid DSML tool blocks: forced (tool_choice required / named) and
+`auto` with strict tools (free text, but an opened block must be valid).
 
 xgrammar's builtin `deepseek_v4` tag is not used: it accepts unbounded whitespace between parameters
 (a random model fills hundreds of tokens with it) and lets enum strings through raw under `string="false"`
@@ -31,6 +32,7 @@ from xgrammar.structural_tag import (
     StructuralTag,
     TagFormat,
     TagsWithSeparatorFormat,
+    TriggeredTagsFormat,
 )
 
 from dsv4_agent.encoding.tokens import DSML, INVOKE_CLOSE, PARAMETER_CLOSE, TOOL_CALLS_CLOSE, TOOL_CALLS_OPEN
@@ -83,6 +85,17 @@ def _invoke(name: str, parameters: Any) -> TagFormat:
         elements.append(element if key in required else OptionalFormat(content=element))
     content = SequenceFormat(elements=elements) if elements else ConstStringFormat(value="")
     return TagFormat(begin=f'<{DSML}invoke name="{name}">\n', content=content, end=INVOKE_CLOSE + "\n")
+
+
+def auto_tool_calls_tag(tools: list[Any], parallel_tool_calls: bool) -> StructuralTag:
+    """tool_choice auto with strict tools: free text, but a tool block, once opened, must be schema-valid."""
+    invokes = [_invoke(t.function.name, t.function.parameters) for t in tools]
+    block = TagFormat(begin=f"{TOOL_CALLS_OPEN}\n",
+                      content=TagsWithSeparatorFormat(tags=invokes, separator="", at_least_one=True,
+                                                      stop_after_first=not parallel_tool_calls),
+                      end=TOOL_CALLS_CLOSE)
+    return StructuralTag(format=TriggeredTagsFormat(triggers=[TOOL_CALLS_OPEN], tags=[block],
+                                                    stop_after_first=True))
 
 
 def forced_tool_calls_tag(tools: list[Any], tool_name: str | None, parallel_tool_calls: bool) -> StructuralTag:

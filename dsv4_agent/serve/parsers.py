@@ -21,7 +21,7 @@ from sglang.srt.parser.reasoning_parser import BaseReasoningFormatDetector
 
 from dsv4_agent.encoding import ContentDelta, Event, StreamParser, ToolCallDelta, ToolCallEnd, ToolCallStart
 from dsv4_agent.encoding.tokens import DSML, EOS, INVOKE_CLOSE, THINK_CLOSE, THINK_OPEN, TOOL_CALLS_OPEN
-from dsv4_agent.serve.grammar import forced_tool_calls_tag
+from dsv4_agent.serve.grammar import auto_tool_calls_tag, forced_tool_calls_tag
 
 
 class DSV4ToolDetector(BaseFormatDetector):
@@ -85,9 +85,12 @@ class DSV4ToolDetector(BaseFormatDetector):
 
     def get_structural_tag(self, tools: list[Any] | None = None, tool_choice: Any = "auto",
                            thinking_mode: bool = False, parallel_tool_calls: bool = True) -> Any:
-        """The grammar for forced calls (required / named); `auto` stays unconstrained."""
-        if tool_choice == "auto" or not tools:
+        """The grammar for forced calls (required / named), and for `auto` when SGLang asks for one (strict
+        tools or SGLANG_TOOL_STRICT_LEVEL); plain `auto` stays unconstrained."""
+        if not tools:
             return None
+        if tool_choice == "auto":
+            return auto_tool_calls_tag(tools, parallel_tool_calls)
         name = None if tool_choice == "required" else tool_choice.function.name
         return forced_tool_calls_tag(tools, name, parallel_tool_calls)
 

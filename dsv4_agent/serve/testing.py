@@ -79,7 +79,7 @@ class ServerProcess:
     the whole process group. The server log is kept in `log_path` (shown when startup fails)."""
 
     def __init__(self, args: list[str] | None = None, *, env: dict[str, str] | None = None,
-                 startup_timeout: float = 240.0, host: str = "127.0.0.1"):
+                 startup_timeout: float = 900.0, host: str = "127.0.0.1"):
         self.port = free_port()
         self.host = host
         self.args = [*(args or []), "--host", host, "--port", str(self.port)]

@@ -213,3 +213,18 @@ def test_special_tokens_in_user_and_tool_text_stay_text(server, prompts):
     control = {prompts.hf.convert_tokens_to_ids(t) for t in (ASSISTANT, USER, "</think>", D)}
     assert [i for i in ids if i in control] == [prompts.hf.convert_tokens_to_ids(t) for t in (USER, ASSISTANT)]
     assert prompts.decode(ids).count(evil) == 1
+
+
+def test_auto_with_strict_tool_keeps_free_text_but_constrains_calls(server):
+    strict = {"type": "function", "function": {**WEATHER["function"], "strict": True}}
+    bad_call = ("get_weather", {"city": "Nice", "days": 2, "metric": False})  # "Nice" is not in the enum
+    server.script([{"when": "weather in Nice", "reply": completion("Call it.", "Checking.", [bad_call])},
+                   {"when": "just chat", "reply": completion("No tool needed.", "Hello there.")}])
+    body = {"model": server.model, "messages": [{"role": "user", "content": "weather in Nice?"}],
+            "tools": [strict], "max_tokens": 200}
+    msg = chat(server.base_url, body).json()["choices"][0]["message"]
+    assert msg["content"] == "Checking."
+    args = json.loads(msg["tool_calls"][0]["function"]["arguments"])
+    jsonschema.validate(args, SCHEMAS["get_weather"])  # the grammar replaced the invalid value
+    chat_only = chat(server.base_url, {**body, "messages": [{"role": "user", "content": "just chat"}]}).json()
+    assert chat_only["choices"][0]["message"]["content"] == "Hello there."
