@@ -399,9 +399,8 @@ async def test_cancel_while_streaming_closes_the_http_stream():
     assert info.value.result.messages == [{"role": "user", "content": "hi"}]  # the partial turn is dropped
 
 
-async def test_cancelling_run_cancels_running_tools_and_keeps_finished_results():
-    cancelled = asyncio.Event()
-    fast_done = asyncio.Event()
+def forever_tool(cancelled: asyncio.Event):
+    """A tool that runs until cancelled and then sets `cancelled`."""
 
     @tool
     async def forever() -> str:
@@ -412,10 +411,16 @@ async def test_cancelling_run_cancels_running_tools_and_keeps_finished_results()
             cancelled.set()
         return "never"
 
+    return forever
+
+
+async def test_cancelling_run_cancels_running_tools_and_keeps_finished_results():
+    cancelled = asyncio.Event()
+    forever = forever_tool(cancelled)
+
     @tool
     async def quick() -> str:
         """Returns at once."""
-        fast_done.set()
         return "quick result"
 
     ep = ScriptedEndpoint(Reply(tool_calls=[("c1", "forever", "{}"), ("c2", "quick", "{}")]))
@@ -435,15 +440,7 @@ async def test_cancelling_run_cancels_running_tools_and_keeps_finished_results()
 
 async def test_cancelling_the_awaiting_task_stops_the_run():
     cancelled = asyncio.Event()
-
-    @tool
-    async def forever() -> str:
-        """Runs until cancelled."""
-        try:
-            await asyncio.sleep(3600)
-        finally:
-            cancelled.set()
-        return "never"
+    forever = forever_tool(cancelled)
 
     ep = ScriptedEndpoint(Reply(tool_calls=[("c1", "forever", "{}")]))
     task = asyncio.ensure_future(make_runner(ep).run(Agent(tools=[forever]), "go"))
