@@ -223,11 +223,9 @@ def bench_indexer(copy_gbs, batches, contexts):
             scores = [indexer_scores_triton(s["q"], s["w"], keys, s["table"], s["q_seq"], s["n_avail"], n)
                       for s in sets]
             torch_us = bench_us(lambda: torch.topk(scores[0], TOPK, dim=-1))
-            for chunk in (2048, 4096, 8192):
-                us = graph_time_us([lambda sc=sc, s=s: topk_indices_triton(sc, s["n_avail"], TOPK, chunk=chunk)
-                                    for sc, s in zip(scores, sets, strict=True)])
-                record("topk512", f"b={batch} n={n}", us, batch * n * 4, copy_gbs, torch_us,
-                       note=f"vs torch.topk; chunk {chunk}")
+            us = graph_time_us([lambda sc=sc, s=s: topk_indices_triton(sc, s["n_avail"], TOPK)
+                                for sc, s in zip(scores, sets, strict=True)])
+            record("topk512", f"b={batch} n={n}", us, batch * n * 4, copy_gbs, torch_us, note="vs torch.topk")
             if batch == 1:
                 s0 = sets[0]
                 us = graph_time_us([lambda s=s: topk_indices_triton(
@@ -281,9 +279,9 @@ def bench_compressor(copy_gbs, quick):
                                                                    max_seqlen=tokens)] * 2)
                 if indexer:
                     alt = graph_time_us([lambda: compress_tokens_triton(*compressor_args(s), ratio, indexer,
-                                                                        max_seqlen=tokens, hadamard="butterfly")] * 2)
-                    record(f"compress_bulk_{name}_butterfly", f"tokens={tokens} in={str(dtype)[6:]}", alt, nbytes,
-                           copy_gbs)
+                                                                        max_seqlen=tokens, hadamard="dot")] * 2)
+                    record(f"compress_bulk_{name}_hadamard_dot", f"tokens={tokens} in={str(dtype)[6:]}", alt,
+                           nbytes, copy_gbs)
                 torch_us = None
                 if tokens == 8192 and dtype == torch.float32:
                     torch_us = bench_us(lambda: compress_tokens_ref(*compressor_args(s), ratio, indexer), rep_ms=50)

@@ -192,7 +192,7 @@ def sparse_attn_triton(
     cmp_rows = cmp_kv.flatten(0, 1)
     scale = (d**-0.5 if softmax_scale is None else softmax_scale) * LOG2E
     if block_h is None:  # measured on H100: 16-head tiles for small batches; FP8 dequant prefers 64
-        block_h = (64 if t >= 8 else 16) if fp8 else (32 if t >= 32 else 16)
+        block_h = (64 if fp8 else 32) if t >= 32 else 16
     if num_warps is None:
         num_warps = 8 if block_h >= 64 else 4
     n_hb = triton.cdiv(h, block_h)

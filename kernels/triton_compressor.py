@@ -183,7 +183,7 @@ def _hadamard_bf16(n: int, device: torch.device) -> torch.Tensor:
 
 def compress_tokens_triton(kv, score, ape, norm_weight, inv_freq, cu_seqlens, start_pos, state_kv, state_score,
                            state_slot, out, page_table, ratio, indexer=False, eps=1e-6, max_seqlen=None, *,
-                           rows=None, num_warps=None, hadamard="dot"):
+                           rows=None, num_warps=None, hadamard="butterfly"):
     kappa = 2 if ratio == 4 else 1
     n_seq = start_pos.shape[0]
     kc = kv.shape[1]
@@ -194,8 +194,8 @@ def compress_tokens_triton(kv, score, ape, norm_weight, inv_freq, cu_seqlens, st
     if max_seqlen is None:
         max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
     c = kc // kappa
-    if rows is None:  # candidate rows per tile: all 8 for CSA, 32 for HCA's 128 (fewer serial steps)
-        rows = min(kappa * ratio, 32 if ratio >= 32 else 8)
+    if rows is None:  # candidate rows per tile (H100: 8 beat 32 for HCA's 128 rows)
+        rows = min(kappa * ratio, 8)
     if num_warps is None:
         num_warps = 8 if rows * c >= 8192 else 4
     pack = out.dtype == torch.uint8

@@ -81,7 +81,7 @@ DECODE_CASES = {
     "mixed_lengths": ([3, 130, 57, 1000], 16),
     "fewer_entries_than_k": ([9, 21], 16),
     "long": ([2047], 64),
-    "batch9_wide_head_tiles": ([1, 5, 9, 130, 300, 7, 64, 129, 4], 16),  # FP8 picks 64-head tiles from 8
+    "batch33_wide_head_tiles": ([1, 5, 9, 130, 300, 7, 64, 129, 4] * 3 + [0, 2, 3, 8, 200, 1000], 8),
 }
 
 

@@ -150,8 +150,8 @@ def test_full_shapes_gpu(ratio, c, indexer):
     _compare(layer, ref_state, out_state, tol=1e-2)
 
 
-def test_hadamard_butterfly_variant_matches_reference(device):
-    """The indexer compressor's butterfly Hadamard (alternative to the tensor-core product)."""
+def test_hadamard_dot_variant_matches_reference(device):
+    """The indexer compressor's tensor-core Hadamard product (alternative to the default butterflies)."""
     from functools import partial
 
     from dsv4_agent.kernels.triton_compressor import compress_tokens_triton
@@ -161,5 +161,5 @@ def test_hadamard_butterfly_variant_matches_reference(device):
     torch.manual_seed(11)
     layer.run([9, 6], [0, 3], compress_tokens_ref, ref_state)
     torch.manual_seed(11)
-    layer.run([9, 6], [0, 3], partial(compress_tokens_triton, hadamard="butterfly"), out_state)
+    layer.run([9, 6], [0, 3], partial(compress_tokens_triton, hadamard="dot"), out_state)
     _compare(layer, ref_state, out_state, tol=1e-2)
