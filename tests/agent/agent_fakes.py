@@ -25,7 +25,7 @@ class Reply:
     usage: tuple[int, int, int] = (100, 20, 0)  # prompt, completion, cached
     piece: int = 4  # characters per streamed delta
     finish_reason: str | None = None
-    reasoning_field: str = "reasoning_content"
+    reasoning_field: str = "reasoning_content"  # or "reasoning" (vLLM), or "both" (our server sends both)
 
 
 @dataclasses.dataclass
@@ -163,7 +163,10 @@ def sse_chunks(reply: Reply, model: str) -> list[dict[str, Any]]:
         return [text[i : i + reply.piece] for i in range(0, len(text), reply.piece)]
 
     out = [chunk({"role": "assistant", "content": ""})]
-    out += [chunk({reply.reasoning_field: p}) for p in pieces(reply.reasoning)]
+    fields = (
+        ("reasoning_content", "reasoning") if reply.reasoning_field == "both" else (reply.reasoning_field,)
+    )
+    out += [chunk(dict.fromkeys(fields, p)) for p in pieces(reply.reasoning)]
     out += [chunk({"content": p}) for p in pieces(reply.content)]
     for index, (call_id, name, arguments) in enumerate(reply.tool_calls):
         out.append(

@@ -152,13 +152,16 @@ async def test_history_of_earlier_tasks_is_sent_back_verbatim():
     assert second.final_output == "6"
 
 
-async def test_vllm_reasoning_field_is_accepted_and_sent_back_as_reasoning_content():
+@pytest.mark.parametrize("field", ["reasoning", "both"])
+async def test_reasoning_field_aliases_are_read_once_and_sent_back_as_reasoning_content(field):
     ep = ScriptedEndpoint(
-        Reply(reasoning="think", tool_calls=[("c1", "add", '{"a": 2, "b": 2}')], reasoning_field="reasoning"),
+        Reply(reasoning="think hard", tool_calls=[("c1", "add", '{"a": 2, "b": 2}')], reasoning_field=field),
         Reply(content="4"),
     )
-    await make_runner(ep).run(Agent(tools=[add]), "2+2")
-    assert ep.requests[1]["messages"][1]["reasoning_content"] == "think"
+    events = await collect(make_runner(ep), Agent(tools=[add]), "2+2")
+    assert "".join(e.text for e in events if isinstance(e, ReasoningDelta)) == "think hard"
+    assert ep.requests[1]["messages"][1]["reasoning_content"] == "think hard"
+    assert "reasoning" not in ep.requests[1]["messages"][1]
 
 
 async def test_extra_body_overrides_and_removes_request_fields():
