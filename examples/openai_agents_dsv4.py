@@ -31,9 +31,9 @@ from agents import (
 from openai import AsyncOpenAI
 from openai.types.shared import Reasoning
 
-# openai-agents makes strict JSON-schema tools by default; the server then constrains the arguments with a
-# grammar. Non-strict tools are plain function tools. DSV4_STRICT_TOOLS=1 switches strict mode on.
-STRICT = os.environ.get("DSV4_STRICT_TOOLS") == "1"
+# openai-agents makes strict JSON-schema tools by default; the server then constrains the arguments to the
+# schema with a grammar. DSV4_STRICT_TOOLS=0 makes plain (unconstrained) function tools instead.
+STRICT = os.environ.get("DSV4_STRICT_TOOLS", "1") == "1"
 
 
 @function_tool(strict_mode=STRICT)

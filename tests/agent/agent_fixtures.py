@@ -3,16 +3,14 @@
 
 `anyio_backend`: async tests run on asyncio through anyio's pytest plugin (anyio comes with httpx).
 
-`v4_server`: one real `dsv4-agent serve` process with the scripted test model, shared by the end-to-end
-tests of this folder (started on first use, with the serve package's own launcher). Set
-DSV4_TEST_BASE_URL and DSV4_TEST_SCRIPT to reuse a scripted server that is already running.
+`v4_server`: the real `dsv4-agent serve` process with the scripted test model that the whole session
+shares (the root `scripted_server` fixture), seen as an OpenAI base URL plus the script to write rules to.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -62,15 +60,11 @@ def completion_text(
 
 
 @pytest.fixture(scope="session", name="v4_server")
-def v4_server_fixture(tmp_path_factory: pytest.TempPathFactory):
-    # Developers iterating on these tests can point at a scripted server they already run.
-    if os.environ.get("DSV4_TEST_BASE_URL") and os.environ.get("DSV4_TEST_SCRIPT"):
-        base = os.environ["DSV4_TEST_BASE_URL"].rstrip("/")
-        yield V4Server(base_url=base + "/v1", script=Path(os.environ["DSV4_TEST_SCRIPT"]), model="scripted")
-        return
-    from dsv4_agent.serve.testing import scripted_server
-
-    server, script = scripted_server(tmp_path_factory.mktemp("agent-v4-server"))
-    server.startup_timeout = max(server.startup_timeout, 600.0)  # a first start also trains the tokenizer
-    with server:
-        yield V4Server(base_url=server.base_url + "/v1", script=script, model=server.model_name())
+def v4_server_fixture(scripted_server) -> V4Server:
+    """The session's shared scripted server (tests/conftest.py `scripted_server`; set DSV4_SCRIPTED_URL and
+    DSV4_SCRIPTED_DIR there to reuse one that is already running)."""
+    return V4Server(
+        base_url=scripted_server.base_url + "/v1",
+        script=scripted_server.script_path,
+        model=scripted_server.model,
+    )

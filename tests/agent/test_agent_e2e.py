@@ -345,20 +345,7 @@ def test_openhands_llm_litellm_call(v4_server):
         assert second.content == f"done {send_reasoning}"
 
 
-@pytest.mark.parametrize(
-    "strict",
-    [
-        False,
-        pytest.param(
-            True,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="server bug: tools with strict=true get HTTP 400 'Failed to compile structural_tag "
-                "grammar ... One tag does not match any trigger' (reported to the lead)",
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("strict", [True, False], ids=["strict-tools", "plain-tools"])
 def test_openai_agents_example_in_its_own_venv(v4_server, strict):
     """The real openai-agents package (needs openai>=3, so it runs from a separate venv, talking HTTP)."""
     from agent_clients import client_python
