@@ -99,7 +99,8 @@ def auto_tool_calls_tag(tools: list[Any], parallel_tool_calls: bool) -> Structur
 
 
 def forced_tool_calls_tag(tools: list[Any], tool_name: str | None, parallel_tool_calls: bool) -> StructuralTag:
-    """At least one call of `tools` (only `tool_name` when given); one call when not parallel."""
+    """`required`: at least one call of `tools` (one when not parallel). Named (`tool_name`): exactly one
+    call of that tool, as OpenAI's forced function (and xgrammar's builtin "forced" choice)."""
     chosen = [t for t in tools if tool_name is None or t.function.name == tool_name]
     if not chosen:
         raise ValueError(f"tool_choice: no tool named {tool_name!r}")
@@ -107,6 +108,6 @@ def forced_tool_calls_tag(tools: list[Any], tool_name: str | None, parallel_tool
     return StructuralTag(format=SequenceFormat(elements=[
         ConstStringFormat(value=f"\n\n{TOOL_CALLS_OPEN}\n"),
         TagsWithSeparatorFormat(tags=invokes, separator="", at_least_one=True,
-                                stop_after_first=not parallel_tool_calls),
+                                stop_after_first=tool_name is not None or not parallel_tool_calls),
         ConstStringFormat(value=TOOL_CALLS_CLOSE),
     ]))

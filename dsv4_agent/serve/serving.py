@@ -172,12 +172,7 @@ class DSV4ServingChat(OpenAIServingChat):
         if effort is not None and not isinstance(effort, str):
             raise BadRequest(f"reasoning_effort: expected one of none, minimal, low, medium, high, xhigh, max; "
                              f"got {effort!r}")
-        try:
-            mode, v4_effort = resolve_reasoning(effort, thinking=_thinking_switch(request))
-        except BadRequest:
-            raise
-        except ValueError as e:
-            raise BadRequest(str(e)) from e
+        mode, v4_effort = resolve_reasoning(effort, thinking=_thinking_switch(request))  # ValueError -> 400
         ctk = dict(request.chat_template_kwargs or {})
         ctk["thinking"] = ctk["enable_thinking"] = mode == "thinking"
         request.chat_template_kwargs = ctk
