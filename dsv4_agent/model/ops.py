@@ -51,6 +51,14 @@ _MODES = {
 }
 
 
+def _triton(*tensors: torch.Tensor):
+    """`dsv4_agent.kernels` when its dispatch switch (env DSV4_KERNELS, default: CUDA tensors) picks the
+    Triton kernels for these tensors, else None: the functions below then run their PyTorch bodies."""
+    from dsv4_agent import kernels
+
+    return kernels if kernels.use_triton(*tensors) else None
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Quantizers (spec 2.3, 2.4, 2.6) and weight dequantization (spec 7)
 # ---------------------------------------------------------------------------------------------------------
@@ -259,6 +267,8 @@ def hc_split_sinkhorn(mixes: torch.Tensor, scale: torch.Tensor, base: torch.Tens
 def hc_pre(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, *, norm_eps: float,
            hc_eps: float, iters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Streams x [n, hc, d] -> (sublayer input u [n, d] in x.dtype, post [n, hc], comb [n, hc, hc])."""
+    if x.dtype == torch.bfloat16 and x.shape[1] == 4 and (kernels := _triton(x)) is not None:
+        return kernels.hc_pre(x, fn, scale, base, iters, hc_eps, norm_eps)
     pre, post, comb = hc_split_sinkhorn(hc_mixes(x, fn, norm_eps), scale, base, x.shape[1], iters, hc_eps)
     u = (pre[..., None] * x.float()).sum(1)
     return u.to(x.dtype), post, comb
@@ -266,6 +276,8 @@ def hc_pre(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.T
 
 def hc_post(v: torch.Tensor, x: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
     """New streams X'_k = post_k v + sum_j comb[j, k] X_j: v [n, d], x [n, hc, d] -> [n, hc, d] in x.dtype."""
+    if x.dtype == v.dtype == torch.bfloat16 and x.shape[1] == 4 and (kernels := _triton(v, x)) is not None:
+        return kernels.hc_post(v, x, post, comb)
     y = post[..., None] * v.float()[:, None, :] + (comb[..., None] * x.float()[:, :, None, :]).sum(1)
     return y.to(x.dtype)
 
@@ -316,6 +328,8 @@ def indexer_topk(scores: torch.Tensor, n_avail: torch.Tensor, topk: int) -> torc
     k = min(topk, N)
     if k == 0:
         return torch.empty(n, 0, dtype=torch.long, device=scores.device)
+    if (kernels := _triton(scores)) is not None:  # same set, unordered (exact ties broken arbitrarily)
+        return kernels.topk_indices(scores.float().contiguous(), n_avail.int(), k).long()
     avail = torch.arange(N, device=scores.device)[None, :] < n_avail[:, None]
     val, idx = scores.masked_fill(~avail, float("-inf")).topk(k, dim=-1)
     return torch.where(torch.isneginf(val), -1, idx)
@@ -332,6 +346,12 @@ def sparse_attention(q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, sink:
     n, H, D = q.shape
     if n == 0:
         return q.new_zeros(n, H, D)
+    if (bf16_probs and q.dtype == kv.dtype == torch.bfloat16 and kv.shape[0] > 0
+            and (kernels := _triton(q, kv)) is not None):
+        # kernel layout: no window range, `kv` as a single page addressed directly by `idx`
+        zeros = torch.zeros(n, dtype=torch.int32, device=q.device)
+        return kernels.sparse_attn(q, sink.float(), kv, zeros, zeros, kv[None], zeros[:1, None], idx.int(), zeros,
+                                   scale)
     valid = idx >= 0
     keys = kv[idx.clamp_min(0)].float()  # [n, K, D]
     logits = torch.einsum("nhd,nkd->nhk", q.float(), keys) * scale
