@@ -83,7 +83,11 @@ def _invoke(name: str, parameters: Any) -> TagFormat:
     for key, sub in props.items():
         element = _parameter(key, sub, defs)
         elements.append(element if key in required else OptionalFormat(content=element))
-    content = SequenceFormat(elements=elements) if elements else ConstStringFormat(value="")
+    if not required:
+        # The encoder writes a call without parameters with an empty line: `name="f">\n\n</invoke>`.
+        elements.append(OptionalFormat(content=ConstStringFormat(value="\n")) if elements
+                        else ConstStringFormat(value="\n"))
+    content = SequenceFormat(elements=elements)
     return TagFormat(begin=f'<{DSML}invoke name="{name}">\n', content=content, end=INVOKE_CLOSE + "\n")
 
 
