@@ -59,6 +59,17 @@ class Layer:
         return kv, score
 
 
+def _run_both(layer, lens, starts, kernel=compress_tokens, seed=7):
+    """The same random new tokens through the reference and through `kernel`, each on its own copy of
+    the layer's state: returns (reference state, kernel state)."""
+    ref_state, out_state = layer.clone_state(), layer.clone_state()
+    torch.manual_seed(seed)
+    layer.run(lens, starts, compress_tokens_ref, ref_state)
+    torch.manual_seed(seed)
+    layer.run(lens, starts, kernel, out_state)
+    return ref_state, out_state
+
+
 def _compare(layer, ref_state, out_state, tol):
     ref_pool, out_pool = ref_state[2], out_state[2]
     if layer.pack:
@@ -82,23 +93,13 @@ CASES = {
 def test_bulk_matches_reference(name, device, force_triton):
     ratio, c, indexer, lens, starts = CASES[name]
     layer = Layer(ratio, c, indexer, page_size=4, n_seq=len(lens), device=device)
-    ref_state, out_state = layer.clone_state(), layer.clone_state()
-    torch.manual_seed(7)
-    layer.run(lens, starts, compress_tokens_ref, ref_state)
-    torch.manual_seed(7)
-    layer.run(lens, starts, compress_tokens, out_state)
+    ref_state, out_state = _run_both(layer, lens, starts)
     _compare(layer, ref_state, out_state, tol=1e-2)
 
 
 def test_fp8_packed_pool_and_bf16_inputs(device, force_triton):
     layer = Layer(4, 512, False, page_size=4, n_seq=2, device=device, pack=True, dtype=torch.bfloat16)
-    ref_state, out_state = layer.clone_state(), layer.clone_state()
-    ref_state[2].fill_(0)
-    out_state[2].fill_(0)
-    torch.manual_seed(3)
-    layer.run([9, 6], [0, 7], compress_tokens_ref, ref_state)
-    torch.manual_seed(3)
-    layer.run([9, 6], [0, 7], compress_tokens, out_state)
+    ref_state, out_state = _run_both(layer, [9, 6], [0, 7], seed=3)
     ref_vals, out_vals = unpack_kv_fp8(ref_state[2]).float(), unpack_kv_fp8(out_state[2]).float()
     assert rel_err(out_vals, ref_vals) < 1e-2 and (ref_vals != 0).any()
 
@@ -142,11 +143,7 @@ def test_full_shapes_gpu(ratio, c, indexer):
     layer = Layer(ratio, c, indexer, page_size=64, n_seq=3, device="cuda")
     layer.page_table = torch.arange(3 * 8200, device="cuda").view(3, -1).int()  # room for 512K-token positions
     layer.pool = torch.full((3 * 8200, 64, c), float("nan"), device="cuda", dtype=torch.bfloat16)
-    ref_state, out_state = layer.clone_state(), layer.clone_state()
-    torch.manual_seed(5)
-    layer.run(lens, starts, compress_tokens_ref, ref_state)
-    torch.manual_seed(5)
-    layer.run(lens, starts, compress_tokens, out_state)
+    ref_state, out_state = _run_both(layer, lens, starts, seed=5)
     _compare(layer, ref_state, out_state, tol=1e-2)
 
 
@@ -157,9 +154,6 @@ def test_hadamard_dot_variant_matches_reference(device):
     from dsv4_agent.kernels.triton_compressor import compress_tokens_triton
 
     layer = Layer(4, 128, True, page_size=4, n_seq=2, device=device)
-    ref_state, out_state = layer.clone_state(), layer.clone_state()
-    torch.manual_seed(11)
-    layer.run([9, 6], [0, 3], compress_tokens_ref, ref_state)
-    torch.manual_seed(11)
-    layer.run([9, 6], [0, 3], partial(compress_tokens_triton, hadamard="dot"), out_state)
+    ref_state, out_state = _run_both(layer, [9, 6], [0, 3], partial(compress_tokens_triton, hadamard="dot"),
+                                     seed=11)
     _compare(layer, ref_state, out_state, tol=1e-2)
