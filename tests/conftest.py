@@ -6,9 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("DSV4_SHARED", ROOT.parent / "shared"))
+from ground_truth import SHARED
 
 
 @pytest.fixture(scope="session")

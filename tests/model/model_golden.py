@@ -6,20 +6,20 @@ packages import by name."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
+from ground_truth import SHARED
 from safetensors import safe_open
 
 from dsv4_agent.model import load_model
 
 torch.set_num_threads(1)  # tiny models: one thread is fastest, and CI shares 2 cores
 
-# the same location rule as tests/conftest.py (``shared_dir``)
-SHARED = Path(os.environ.get("DSV4_SHARED", Path(__file__).resolve().parents[2].parent / "shared"))
 MODEL_DIR = SHARED / "conformance" / "model"
-CASES = ("t2-window", "t1-mixed", "t3-smooth")
+# every case directory that carries golden data, smallest first
+CASES = tuple(sorted((d.name for d in MODEL_DIR.iterdir() if (d / "golden.safetensors").is_file()),
+                     key=lambda name: (MODEL_DIR / name / "model.safetensors").stat().st_size))
 
 
 class Golden:
