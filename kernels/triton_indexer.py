@@ -3,12 +3,15 @@
 Scoring: one program = one query x BLOCK_N entries; the query's [H_I, D_I] tile stays in registers
 and `keys @ q^T` gives all heads at once, then ReLU, head weights and the head sum.
 
-Top-k is a radix select on the order-preserving uint32 image of the fp32 scores, in three launches:
-1. histogram of the top 11 bits over all available scores (many programs, atomics per bin);
-2. each program finds the threshold bin from the histogram, writes the indices of scores in higher
-   bins straight to the output and appends those in the threshold bin to a candidate list;
-3. one program per query refines the candidates over the remaining 21 bits (3 rounds of 7 bits; in
-   registers when they fit one tile), emits the winners, takes exact ties in list order, pads with -1.
+Top-k is a radix select on the order-preserving uint32 image of the fp32 scores, 8-bit digits, three
+launches:
+1. histogram of digit 1 (top 8 bits) over all available scores (many programs, atomics per bin);
+2. each program finds the digit-1 threshold, writes the indices of higher scores straight to the
+   output, appends the scores on the threshold (index + key) to a candidate list and adds their
+   digit 2 to a second histogram;
+3. one program per query emits the candidates above the digit-2 threshold, compacts those on it,
+   resolves digits 3-4 on that short list (in registers when it fits one tile), takes exact ties in
+   list order and pads with -1.
 """
 
 from __future__ import annotations
@@ -20,12 +23,11 @@ import triton.language as tl
 from .numerics import FP4_BLOCK
 from .triton_utils import INTERPRET, dot
 
-# Radix of the first (parallel) pass and of each of the 3 refinement rounds: 11 + 3 * 7 = 32 bits.
-# Measured on H100 (top-512 of 256K): 11 bits leave few candidates for the single-program refinement;
-# 8 bits make the histograms cheaper (Triton's costs ~bins/32 operations per element) but leave
-# thousands of candidates, and the refinement then dominates.
-TOP_BITS = 11
-SUB_BITS = 7
+# Radix select in 8-bit digits, most significant first (Triton's histogram costs ~bins/32 operations per
+# element and thread, so digits stay small): digit 1 over all scores, digit 2 over the candidates that
+# tie on digit 1 (computed in the same pass), digits 3-4 over the few that tie on both.
+DIGIT = 8
+NBINS = 1 << DIGIT
 
 
 @triton.jit
@@ -99,18 +101,17 @@ def _ordered_key(x):
 
 
 @triton.jit
-def _topk_hist_kernel(scores_ptr, stride_s, n_avail_ptr, n_cols, hist_ptr, stride_hist,
-                      CHUNK: tl.constexpr, TOP_BITS: tl.constexpr):
+def _topk_hist_kernel(scores_ptr, stride_s, n_avail_ptr, n_cols, work_ptr, stride_w,
+                      CHUNK: tl.constexpr, NBINS: tl.constexpr):
+    """work[row, 0:NBINS] += histogram of digit 1 (the top 8 bits of the ordered key)."""
     row = tl.program_id(0)
     offs = tl.program_id(1) * CHUNK + tl.arange(0, CHUNK)
     n = tl.minimum(tl.load(n_avail_ptr + row), n_cols)
     if tl.program_id(1) * CHUNK < n:
         valid = offs < n
         x = tl.load(scores_ptr + row.to(tl.int64) * stride_s + offs, mask=valid, other=0.0)
-        digit = (_ordered_key(x) >> (32 - TOP_BITS)).to(tl.int32)
-        h = tl.histogram(digit, 1 << TOP_BITS, mask=valid)
-        bins = tl.arange(0, 1 << TOP_BITS)
-        tl.atomic_add(hist_ptr + row.to(tl.int64) * stride_hist + bins, h, mask=h > 0)
+        h = tl.histogram((_ordered_key(x) >> 24).to(tl.int32), NBINS, mask=valid)
+        tl.atomic_add(work_ptr + row.to(tl.int64) * stride_w + tl.arange(0, NBINS), h, mask=h > 0)
 
 
 @triton.jit
@@ -124,90 +125,108 @@ def _threshold(hist, need, NBINS: tl.constexpr):
 
 
 @triton.jit
-def _topk_split_kernel(scores_ptr, stride_s, n_avail_ptr, n_cols, k, hist_ptr, stride_hist,
-                       out_ptr, stride_o, cand_ptr, stride_c,
-                       CHUNK: tl.constexpr, TOP_BITS: tl.constexpr):
+def _topk_split_kernel(scores_ptr, stride_s, n_avail_ptr, n_cols, k, work_ptr, stride_w,
+                       out_ptr, stride_o, cand_idx_ptr, cand_key_ptr, stride_c,
+                       CHUNK: tl.constexpr, NBINS: tl.constexpr):
+    """Scores above the digit-1 threshold go to the output; those on it to the candidate list (index
+    and key), and their digit 2 into the second histogram work[row, NBINS:2*NBINS]."""
     row = tl.program_id(0)
     row64 = row.to(tl.int64)
     offs = tl.program_id(1) * CHUNK + tl.arange(0, CHUNK)
     n = tl.minimum(tl.load(n_avail_ptr + row), n_cols)
     if tl.program_id(1) * CHUNK < n:
-        hist = tl.load(hist_ptr + row64 * stride_hist + tl.arange(0, 1 << TOP_BITS))
-        thr, _ = _threshold(hist, tl.minimum(k, n), 1 << TOP_BITS)
+        w_row = work_ptr + row64 * stride_w
+        thr, _ = _threshold(tl.load(w_row + tl.arange(0, NBINS)), tl.minimum(k, n), NBINS)
         thr = tl.where(n <= k, -1, thr)  # everything available is selected
         valid = offs < n
-        x = tl.load(scores_ptr + row64 * stride_s + offs, mask=valid, other=0.0)
-        digit = (_ordered_key(x) >> (32 - TOP_BITS)).to(tl.int32)
+        key = _ordered_key(tl.load(scores_ptr + row64 * stride_s + offs, mask=valid, other=0.0))
+        digit = (key >> 24).to(tl.int32)
         sel = valid & (digit > thr)
         cand = valid & (digit == thr)
-        counters = hist_ptr + row64 * stride_hist + (1 << TOP_BITS)  # [selected, candidates]
-        base = tl.atomic_add(counters, tl.sum(sel.to(tl.int32), 0))
+        base = tl.atomic_add(w_row + 2 * NBINS, tl.sum(sel.to(tl.int32), 0))  # counters: selected, candidates
         tl.store(out_ptr + row64 * stride_o + base + tl.cumsum(sel.to(tl.int32), 0) - 1, offs, mask=sel)
-        cbase = tl.atomic_add(counters + 1, tl.sum(cand.to(tl.int32), 0))
-        tl.store(cand_ptr + row64 * stride_c + cbase + tl.cumsum(cand.to(tl.int32), 0) - 1, offs, mask=cand)
+        cpos = row64 * stride_c + tl.atomic_add(w_row + 2 * NBINS + 1, tl.sum(cand.to(tl.int32), 0)) \
+            + tl.cumsum(cand.to(tl.int32), 0) - 1
+        tl.store(cand_idx_ptr + cpos, offs, mask=cand)
+        tl.store(cand_key_ptr + cpos, key.to(tl.int32, bitcast=True), mask=cand)
+        h2 = tl.histogram(((key >> 16) & (NBINS - 1)).to(tl.int32), NBINS, mask=cand)
+        tl.atomic_add(w_row + NBINS + tl.arange(0, NBINS), h2, mask=h2 > 0)
 
 
 @triton.jit
-def _load_cand_keys(scores_ptr, stride_s, cand_ptr, stride_c, row64, c0, n_cand, BLOCK: tl.constexpr):
+def _load_cands(cand_idx_ptr, cand_key_ptr, base, c0, n_cand, BLOCK: tl.constexpr):
     offs = c0 + tl.arange(0, BLOCK)
     m = offs < n_cand
-    ci = tl.load(cand_ptr + row64 * stride_c + offs, mask=m, other=0)
-    key = _ordered_key(tl.load(scores_ptr + row64 * stride_s + ci, mask=m, other=0.0))
+    ci = tl.load(cand_idx_ptr + base + offs, mask=m, other=0)
+    key = tl.load(cand_key_ptr + base + offs, mask=m, other=0).to(tl.uint32, bitcast=True)
     return ci, key, m
 
 
 @triton.jit
-def _topk_finish_kernel(scores_ptr, stride_s, n_avail_ptr, n_cols, k, hist_ptr, stride_hist,
-                        out_ptr, stride_o, cand_ptr, stride_c,
-                        BLOCK: tl.constexpr, TOP_BITS: tl.constexpr, SUB_BITS: tl.constexpr):
+def _topk_finish_kernel(n_avail_ptr, n_cols, k, work_ptr, stride_w, out_ptr, stride_o,
+                        cand_idx_ptr, cand_key_ptr, stride_c, BLOCK: tl.constexpr, NBINS: tl.constexpr):
+    """Per query: digit-2 threshold from its histogram; one pass over the candidates emits those above
+    it and compacts those on it to the front of the list; digits 3 and 4 are then resolved on that
+    short list (in registers when it fits one tile); exact ties are taken in list order; -1 padding."""
     row = tl.program_id(0)
     row64 = row.to(tl.int64)
     n = tl.minimum(tl.load(n_avail_ptr + row), n_cols)
     kk = tl.minimum(k, n)
-    hist = tl.load(hist_ptr + row64 * stride_hist + tl.arange(0, 1 << TOP_BITS))
-    thr, above = _threshold(hist, kk, 1 << TOP_BITS)
-    n_cand = tl.where(n <= k, 0, tl.load(hist_ptr + row64 * stride_hist + (1 << TOP_BITS) + 1))
-    above = tl.where(n <= k, kk, above)
-    need = kk - above  # winners still to take from the candidates
-    prefix = thr.to(tl.uint32)  # known top bits of the k-th largest key
-    pos = above
+    w_row = work_ptr + row64 * stride_w
+    thr1, above = _threshold(tl.load(w_row + tl.arange(0, NBINS)), kk, NBINS)
+    n_cand = tl.where(n <= k, 0, tl.load(w_row + 2 * NBINS + 1))
+    pos = tl.where(n <= k, kk, above)  # output slots already filled by the split kernel
+    need = kk - pos
+    thr2, above2 = _threshold(tl.load(w_row + NBINS + tl.arange(0, NBINS)), need, NBINS)
+    need -= above2
+    prefix = (thr1.to(tl.uint32) << 8) | tl.maximum(thr2, 0).to(tl.uint32)  # top 16 bits of the k-th key
     out_row = out_ptr + row64 * stride_o
-    SUB_MASK: tl.constexpr = (1 << SUB_BITS) - 1
-    if n_cand <= BLOCK:
-        # common case: all candidates fit one tile; refine the threshold key in registers
-        ci, key, m = _load_cand_keys(scores_ptr, stride_s, cand_ptr, stride_c, row64, 0, n_cand, BLOCK)
-        for r in tl.static_range(3):
-            shift = 32 - TOP_BITS - (r + 1) * SUB_BITS  # constexpr: r is a static_range index
-            match = m & ((key >> (shift + SUB_BITS)) == prefix)
-            h = tl.histogram(((key >> shift) & SUB_MASK).to(tl.int32), 1 << SUB_BITS, mask=match)
-            sub_thr, sub_above = _threshold(h, need, 1 << SUB_BITS)
+    cbase = row64 * stride_c
+    n2 = n_cand * 0
+    for c0 in range(0, n_cand, BLOCK):
+        ci, key, m = _load_cands(cand_idx_ptr, cand_key_ptr, cbase, c0, n_cand, BLOCK)
+        sel = m & ((key >> 16) > prefix)
+        tl.store(out_row + pos + tl.cumsum(sel.to(tl.int32), 0) - 1, ci, mask=sel)
+        pos += tl.sum(sel.to(tl.int32), 0)
+        eq = m & ((key >> 16) == prefix)
+        dst = cbase + n2 + tl.cumsum(eq.to(tl.int32), 0) - 1  # never past the tile just read
+        tl.store(cand_idx_ptr + dst, ci, mask=eq)
+        tl.store(cand_key_ptr + dst, key.to(tl.int32, bitcast=True), mask=eq)
+        n2 += tl.sum(eq.to(tl.int32), 0)
+    tl.debug_barrier()  # the compacted list is read back by other threads of this program
+    if n2 <= BLOCK:
+        ci, key, m = _load_cands(cand_idx_ptr, cand_key_ptr, cbase, 0, n2, BLOCK)
+        for r in tl.static_range(2):
+            shift = 8 - 8 * r  # constexpr: r is a static_range index
+            match = m & ((key >> (shift + 8)) == prefix)
+            h = tl.histogram(((key >> shift) & (NBINS - 1)).to(tl.int32), NBINS, mask=match)
+            sub_thr, sub_above = _threshold(h, need, NBINS)
             need -= sub_above
-            prefix = (prefix << SUB_BITS) | tl.maximum(sub_thr, 0).to(tl.uint32)
+            prefix = (prefix << 8) | tl.maximum(sub_thr, 0).to(tl.uint32)
         sel = m & (key > prefix)  # strictly above the k-th key
         tl.store(out_row + pos + tl.cumsum(sel.to(tl.int32), 0) - 1, ci, mask=sel)
         pos += tl.sum(sel.to(tl.int32), 0)
         tie = m & (key == prefix)
         rank = tl.cumsum(tie.to(tl.int32), 0)
         tl.store(out_row + pos + rank - 1, ci, mask=tie & (rank <= need))
-    else:
-        # many candidates (heavy ties): the same refinement, streaming the list from memory
-        for r in tl.static_range(3):
-            shift = 32 - TOP_BITS - (r + 1) * SUB_BITS
-            h = tl.zeros([1 << SUB_BITS], tl.int32)
-            for c0 in range(0, n_cand, BLOCK):
-                ci, key, m = _load_cand_keys(scores_ptr, stride_s, cand_ptr, stride_c, row64, c0, n_cand, BLOCK)
-                match = m & ((key >> (shift + SUB_BITS)) == prefix)
-                h += tl.histogram(((key >> shift) & SUB_MASK).to(tl.int32), 1 << SUB_BITS, mask=match)
-            sub_thr, sub_above = _threshold(h, need, 1 << SUB_BITS)
+    else:  # many exact or near ties: the same refinement, streaming the list
+        for r in tl.static_range(2):
+            shift = 8 - 8 * r
+            h = tl.zeros([NBINS], tl.int32)
+            for c0 in range(0, n2, BLOCK):
+                ci, key, m = _load_cands(cand_idx_ptr, cand_key_ptr, cbase, c0, n2, BLOCK)
+                match = m & ((key >> (shift + 8)) == prefix)
+                h += tl.histogram(((key >> shift) & (NBINS - 1)).to(tl.int32), NBINS, mask=match)
+            sub_thr, sub_above = _threshold(h, need, NBINS)
             need -= sub_above
-            prefix = (prefix << SUB_BITS) | tl.maximum(sub_thr, 0).to(tl.uint32)
-        for c0 in range(0, n_cand, BLOCK):
-            ci, key, m = _load_cand_keys(scores_ptr, stride_s, cand_ptr, stride_c, row64, c0, n_cand, BLOCK)
+            prefix = (prefix << 8) | tl.maximum(sub_thr, 0).to(tl.uint32)
+        for c0 in range(0, n2, BLOCK):
+            ci, key, m = _load_cands(cand_idx_ptr, cand_key_ptr, cbase, c0, n2, BLOCK)
             sel = m & (key > prefix)
             tl.store(out_row + pos + tl.cumsum(sel.to(tl.int32), 0) - 1, ci, mask=sel)
             pos += tl.sum(sel.to(tl.int32), 0)
-        for c0 in range(0, n_cand, BLOCK):  # exact ties with the k-th key: the first `need` in list order
-            ci, key, m = _load_cand_keys(scores_ptr, stride_s, cand_ptr, stride_c, row64, c0, n_cand, BLOCK)
+        for c0 in range(0, n2, BLOCK):  # exact ties with the k-th key: the first `need` in list order
+            ci, key, m = _load_cands(cand_idx_ptr, cand_key_ptr, cbase, c0, n2, BLOCK)
             tie = m & (key == prefix)
             rank = tl.cumsum(tie.to(tl.int32), 0)
             sel = tie & (rank <= need)
@@ -221,21 +240,21 @@ def _topk_finish_kernel(scores_ptr, stride_s, n_avail_ptr, n_cols, k, hist_ptr, 
 
 
 def topk_indices_triton(scores: torch.Tensor, n_avail: torch.Tensor, k: int, *, chunk: int | None = None,
-                        block: int = 2048) -> torch.Tensor:
+                        block: int = 1024) -> torch.Tensor:
     t, n = scores.shape
     out = torch.empty(t, k, device=scores.device, dtype=torch.int32)
     if t == 0 or k == 0:
         return out
-    if chunk is None:  # measured on H100: smaller chunks (more programs) win for a few rows
+    if chunk is None:  # a few thousand scores per program; more programs for a few rows
         chunk = 2048 if t < 8 else 4096
-    nbins = 1 << TOP_BITS
-    work = torch.zeros(t, nbins + 2, device=scores.device, dtype=torch.int32)  # histogram + 2 counters
-    cand = torch.empty(t, max(n, 1), device=scores.device, dtype=torch.int32)
+    work = torch.zeros(t, 2 * NBINS + 2, device=scores.device, dtype=torch.int32)  # 2 histograms, 2 counters
+    cand_idx = torch.empty(t, max(n, 1), device=scores.device, dtype=torch.int32)
+    cand_key = torch.empty_like(cand_idx)
     grid = (t, max(1, triton.cdiv(n, chunk)))
     common = (scores, scores.stride(0), n_avail, n)
-    _topk_hist_kernel[grid](*common, work, work.stride(0), CHUNK=chunk, TOP_BITS=TOP_BITS, num_warps=8)
-    _topk_split_kernel[grid](*common, k, work, work.stride(0), out, out.stride(0), cand, cand.stride(0),
-                             CHUNK=chunk, TOP_BITS=TOP_BITS, num_warps=8)
-    _topk_finish_kernel[(t,)](*common, k, work, work.stride(0), out, out.stride(0), cand, cand.stride(0),
-                              BLOCK=block, TOP_BITS=TOP_BITS, SUB_BITS=SUB_BITS, num_warps=4)
+    _topk_hist_kernel[grid](*common, work, work.stride(0), CHUNK=chunk, NBINS=NBINS, num_warps=8)
+    _topk_split_kernel[grid](*common, k, work, work.stride(0), out, out.stride(0), cand_idx, cand_key,
+                             cand_idx.stride(0), CHUNK=chunk, NBINS=NBINS, num_warps=8)
+    _topk_finish_kernel[(t,)](n_avail, n, k, work, work.stride(0), out, out.stride(0), cand_idx, cand_key,
+                              cand_idx.stride(0), BLOCK=block, NBINS=NBINS, num_warps=4)
     return out
