@@ -252,11 +252,14 @@ class V4TailRadixCache(RadixCache):
         if self.disable:
             return EvictResult()
         self._dropped_tokens = 0
+        states = len(self.lru)
         done = super().evict(params).num_tokens_evicted
         for rec in [r for r in self.lru.values() if r.partial and r.reserved_by is None]:
             if done + self._dropped_tokens >= params.num_tokens:
                 break
             self._drop(rec)
+        log.info("v4tail: evicted %d tree tokens + %d tokens of incomplete pages, dropped %d resume states "
+                 "(asked %d)", done, self._dropped_tokens, states - len(self.lru), params.num_tokens)
         return EvictResult(num_tokens_evicted=done + self._dropped_tokens)
 
     def reset(self):

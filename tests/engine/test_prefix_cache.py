@@ -1,7 +1,7 @@
 """Exact prefix reuse inside SGLang (issue 6, points 2, 3 and 6): real servers, the tiny V4 model in fp32.
 
 Two servers serve the same embedded tiny checkpoint, one with our radix cache (``v4tail``) and one with
-``--disable-radix-cache``. Multi-turn sessions (each turn's prompt = previous prompt + completion + new
+``--disable-radix-cache``, both with a pool small enough that sessions evict each other's pages and states. Multi-turn sessions (each turn's prompt = previous prompt + completion + new
 tokens, like an agent re-sending its history) run interleaved on both; greedy outputs must be identical
 token for token, while the cached server resumes at non-page-aligned, non-4-aligned points and reports
 them in ``cached_tokens``. A plain-PyTorch greedy run of the same model checks one session end to end.
@@ -22,7 +22,8 @@ from dsv4_agent.serve.testing import ServerProcess
 
 pytestmark = pytest.mark.server
 
-COMMON = ["--dtype", "float32", "--max-total-tokens", "4096", "--max-running-requests", "4",
+# A small pool (16 pages) so that the interleaved sessions force evictions of pages and resume states.
+COMMON = ["--dtype", "float32", "--max-total-tokens", "2048", "--max-running-requests", "4",
           "--chunked-prefill-size", "256", "--skip-server-warmup"]
 NEW = 8  # tokens generated per turn
 
@@ -46,16 +47,20 @@ def generate(server: ServerProcess, ids: list[int], n: int = NEW) -> tuple[list[
     return body["output_ids"], body["meta_info"]["cached_tokens"]
 
 
-def session(server: ServerProcess, seed: int, first: list[int], growth: list[int]) -> list[tuple[list[int], int, int]]:
-    """Turns (output ids, cached tokens, prompt length); prompt_k = prompt_{k-1} + completion_{k-1} + new tokens."""
+def session(server: ServerProcess, seed: int, first: list[int], growth: list[int]) -> list[tuple[list[int], int, list[int]]]:
+    """Turns (output ids, cached tokens, prompt); prompt_k = prompt_{k-1} + completion_{k-1} + new tokens."""
     rng = random.Random(seed)
     prompt, turns = list(first), []
     for k, extra in enumerate([0, *growth]):
         if k:
-            prompt = prompt + turns[-1][0] + [rng.randrange(2, 2000) for _ in range(extra)]
+            prompt = next_prompt(prompt, turns[-1][0], extra, rng)
         out, cached = generate(server, prompt)
-        turns.append((out, cached, len(prompt)))
+        turns.append((out, cached, prompt))
     return turns
+
+
+def next_prompt(prompt: list[int], completion: list[int], extra: int, rng: random.Random) -> list[int]:
+    return prompt + completion + [rng.randrange(2, 2000) for _ in range(extra)]
 
 
 def test_multi_turn_sessions_equal_uncached(servers):
@@ -74,11 +79,22 @@ def test_multi_turn_sessions_equal_uncached(servers):
     for s_on, s_off in zip(results["on"], results["off"], strict=True):
         assert [t[0] for t in s_on] == [t[0] for t in s_off]
         for k in range(1, len(s_on)):
-            prev_len = s_on[k - 1][2] + NEW - 1  # the last generated token was never fed to the model
+            prev_len = len(s_on[k - 1][2]) + NEW - 1  # the last generated token was never fed to the model
             assert s_on[k][1] >= prev_len, f"turn {k}: cached {s_on[k][1]} < previous prompt+completion {prev_len}"
         assert all(t[1] == 0 for t in s_off)
     cached = [t[1] for s in results["on"] for t in s[1:]]
     assert any(c % 4 and c % 128 for c in cached), cached  # hits at positions not aligned to 4 / 128
+
+    # Other traffic fills the pool: pages and resume states of the sessions get evicted. A further turn of
+    # every session must still come out exactly as without the cache.
+    for n in (600, 610, 620, 630):
+        generate(on, [rng.randrange(2, 2000) for _ in range(n)], 2)
+    for s_on in results["on"]:
+        more = next_prompt(s_on[-1][2], s_on[-1][0], 3, rng)
+        assert generate(on, more)[0] == generate(off, more)[0]
+    log = on.log_path.read_text(errors="replace")
+    assert "v4tail: evicted" in log and "v4tail: rid=" in log  # eviction happened; per-request recompute log
+    assert "memory leak" not in log
 
 
 def test_matches_plain_model(servers):
