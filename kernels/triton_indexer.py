@@ -256,5 +256,5 @@ def topk_indices_triton(scores: torch.Tensor, n_avail: torch.Tensor, k: int, *, 
     _topk_split_kernel[grid](*common, k, work, work.stride(0), out, out.stride(0), cand_idx, cand_key,
                              cand_idx.stride(0), CHUNK=chunk, NBINS=NBINS, num_warps=8)
     _topk_finish_kernel[(t,)](n_avail, n, k, work, work.stride(0), out, out.stride(0), cand_idx, cand_key,
-                              cand_idx.stride(0), BLOCK=block, NBINS=NBINS, num_warps=4)
+                              cand_idx.stride(0), BLOCK=block, NBINS=NBINS, num_warps=8 if block >= 4096 else 4)
     return out
