@@ -303,7 +303,11 @@ class Runner:
             yield TurnFinished(turn, turn_out.finish_reason, message)
 
             state.pending_calls, state.pending_outputs = list(message.get("tool_calls", [])), {}
-            if limits.max_total_tokens is not None and state.usage.total_tokens > limits.max_total_tokens:
+            # The budget bounds *continuing*: a final answer that crosses it is still returned.
+            over_budget = (
+                limits.max_total_tokens is not None and state.usage.total_tokens > limits.max_total_tokens
+            )
+            if turn_out.calls and over_budget:
                 state.pending_outputs = {c["id"]: BUDGET_TOOL_OUTPUT for c in state.pending_calls}
                 raise _with_result(
                     TokenBudgetExceeded(state.usage.total_tokens, limits.max_total_tokens), state
