@@ -20,8 +20,10 @@ from sglang.srt.function_call.core_types import StreamingParseResult, StructureI
 from sglang.srt.parser.reasoning_parser import BaseReasoningFormatDetector
 
 from dsv4_agent.encoding import ContentDelta, Event, StreamParser, ToolCallDelta, ToolCallEnd, ToolCallStart
-from dsv4_agent.encoding.tokens import DSML, EOS, INVOKE_CLOSE, THINK_CLOSE, THINK_OPEN, TOOL_CALLS_OPEN
+from dsv4_agent.encoding.tokens import BOS, DSML, EOS, INVOKE_CLOSE, THINK_CLOSE, THINK_OPEN, TOOL_CALLS_OPEN
 from dsv4_agent.serve.grammar import auto_tool_calls_tag, forced_tool_calls_tag
+
+_MARKERS = ("DSML", BOS, THINK_OPEN, THINK_CLOSE)
 
 
 class DSV4ToolDetector(BaseFormatDetector):
@@ -39,7 +41,9 @@ class DSV4ToolDetector(BaseFormatDetector):
         return True
 
     def has_tool_call(self, text: str) -> bool:
-        return "DSML" in text  # fullwidth or ASCII pipes, wrapper or bare invoke: the parser decides
+        # Anything the parser would change (DSML with either pipe, stray BOS / think markers) goes through it,
+        # so the one-shot path cleans text exactly as the streaming path does.
+        return any(marker in text for marker in _MARKERS)
 
     @staticmethod
     def _convert(events: list[Event], tools: list[Any]) -> StreamingParseResult:

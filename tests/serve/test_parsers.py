@@ -143,3 +143,12 @@ def test_tool_block_inside_reasoning_ends_it():
                                         force_reasoning=True).parse_non_stream(text)
     assert reasoning.rstrip("\n") == "thinkingChecking both."
     assert normal.startswith(f"<{D}tool_calls>")
+
+
+@pytest.mark.parametrize("text", ["Hello</think> world<think>!", "<｜begin▁of▁sentence｜>Hi", "plain DSML talk"])
+def test_stray_markers_cleaned_alike_in_both_paths(text):
+    parser = FunctionCallParser(TOOLS, TOOL_PARSER)
+    normal, calls = parser.parse_non_stream(text)
+    streamed, streamed_calls = _stream(text, [2, 7], TOOLS)
+    assert normal == streamed and calls == [] and streamed_calls == {}
+    assert "<think>" not in normal and "</think>" not in normal and "begin▁of▁sentence" not in normal
