@@ -116,3 +116,25 @@ def test_matches_plain_model(servers):
             ref.append(int(logits.argmax()))
             logits = model.forward([Step(seq, torch.tensor(ref[-1:]))], numerics="fp32")[0].logits[-1]
         assert out == ref
+
+
+def test_chat_usage_reports_cached_tokens(servers):
+    """OpenAI chat: a second turn reports its reused prompt in usage.prompt_tokens_details.cached_tokens."""
+    on, _ = servers
+    model = httpx.get(on.base_url + "/v1/models", timeout=30).json()["data"][0]["id"]
+    history = [{"role": "system", "content": "You are a careful assistant. " * 40},
+               {"role": "user", "content": "Summarize the design of a radix cache in three sentences."}]
+
+    def chat(messages, **extra):
+        r = httpx.post(on.base_url + "/v1/chat/completions", timeout=300, json={
+            "model": model, "messages": messages, "max_tokens": 6, "temperature": 0, **extra})
+        r.raise_for_status()
+        return r.json()
+
+    first = chat(history)
+    assert first["usage"]["prompt_tokens_details"]["cached_tokens"] >= 0
+    second = chat(history + [{"role": "assistant", "content": "A radix cache shares prefixes."},
+                             {"role": "user", "content": "And eviction?"}], logprobs=True, top_logprobs=2)
+    # everything up to the end of the first prompt's last complete page is reused at least
+    assert second["usage"]["prompt_tokens_details"]["cached_tokens"] >= first["usage"]["prompt_tokens"] // 128 * 128 > 0
+    assert second["choices"][0]["logprobs"]["content"]
