@@ -38,7 +38,8 @@ def test_no_args_server_answers_chat(tiny_server):
 @pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "pick"}}])
 def test_forced_tool_choice_schema_valid_from_random_tiny_v4(tiny_server, choice):
     body = {"model": tiny_server.model_name(), "messages": [{"role": "user", "content": "Pick a color."}],
-            "tools": [PICK, NOOP], "tool_choice": choice, "thinking": {"type": "disabled"}, "max_tokens": 200}
+            "tools": [PICK, NOOP], "tool_choice": choice, "thinking": {"type": "disabled"}, "max_tokens": 200,
+            "parallel_tool_calls": False}
     r = chat(tiny_server.base_url, body)
     assert r.status_code == 200, r.text
     calls = r.json()["choices"][0]["message"]["tool_calls"]
