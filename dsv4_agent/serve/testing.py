@@ -4,7 +4,8 @@
         openai.OpenAI(base_url=server.base_url + "/v1", api_key="x")
 
 A server is `python -m dsv4_agent.launch_server` on a free port in its own process group; `stop()` sends
-SIGTERM to the group, then SIGKILL, so SGLang's scheduler and detokenizer children go too. Startup on
+SIGTERM to the group, then SIGKILL, so SGLang's scheduler and detokenizer children go too. Its log is a temp
+file (`log_path`, shown when startup fails), removed on stop unless DSV4_KEEP_SERVER_LOGS is set. Startup on
 CPU takes 15-30 s and about 4 GB of RAM, so share servers (session-scoped fixtures in tests/conftest.py).
 """
 
@@ -102,13 +103,16 @@ class ServerProcess:
         deadline = t0 + self.startup_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode} during startup:\n{self.log_tail()}")
+                tail = self.log_tail()
+                self.stop()
+                raise RuntimeError(f"server exited with {self.proc.returncode} during startup:\n{tail}")
             if self.healthy(timeout=2.0) and self._model_ready():
                 self.startup_seconds = time.monotonic() - t0
                 return self
             time.sleep(0.5)
+        tail = self.log_tail()
         self.stop()
-        raise TimeoutError(f"server not ready after {self.startup_timeout} s:\n{self.log_tail()}")
+        raise TimeoutError(f"server not ready after {self.startup_timeout} s:\n{tail}")
 
     def _model_ready(self) -> bool:
         try:
@@ -134,22 +138,25 @@ class ServerProcess:
         return "\n".join(lines[-n:])
 
     def stop(self, timeout: float = 30.0) -> None:
-        if self.proc is None or self.proc.poll() is not None:
+        if self.proc is None:
             return
-        for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 10.0)):
-            try:
-                os.killpg(self.proc.pid, sig)
-            except ProcessLookupError:
-                return
-            try:
-                self.proc.wait(timeout=wait)
-                break
-            except subprocess.TimeoutExpired:
-                continue
+        if self.proc.poll() is None:
+            for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 10.0)):
+                try:
+                    os.killpg(self.proc.pid, sig)
+                    self.proc.wait(timeout=wait)
+                    break
+                except ProcessLookupError:
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
         try:  # children that outlived the launcher
             os.killpg(self.proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+        if not os.environ.get("DSV4_KEEP_SERVER_LOGS") and not self._log.closed:
+            self._log.close()
+            self.log_path.unlink(missing_ok=True)
 
     def __enter__(self) -> ServerProcess:
         return self.start()
