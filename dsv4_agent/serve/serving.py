@@ -122,7 +122,7 @@ class DSV4ServingChat(OpenAIServingChat):
             self._settle_reasoning(request)
             self._check(request)
         except ValueError as e:
-            return self.create_error_response(str(e), param=getattr(e, "param", None))
+            return self.create_error_response(str(e))
         response = await super().handle_request(request, raw_request)
         single = not request.parallel_tool_calls
         if isinstance(response, StreamingResponse):
