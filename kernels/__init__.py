@@ -19,12 +19,13 @@ from .indexer import (
     unpack_index_keys_fp8,
 )
 from .mhc import hc_post, hc_post_ref, hc_pre, hc_pre_ref, sinkhorn_ref
-from .numerics import (
+from .numerics import (  # also the model's numerics (dsv4_agent.model.ops imports them)
     KV_FP8_BYTES,
     apply_rope,
     fp4_fake_quant,
     fp8_fake_quant,
     hadamard_rotate,
+    kv_fp8_sim,
     pack_kv_fp8,
     rms_norm,
     unpack_kv_fp8,
@@ -56,6 +57,7 @@ __all__ = [
     "indexer_scores_ref",
     "indexer_topk",
     "kernel_mode",
+    "kv_fp8_sim",
     "pack_index_keys_fp8",
     "pack_kv_fp8",
     "rms_norm",

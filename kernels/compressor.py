@@ -28,11 +28,10 @@ import torch
 from .dispatch import use_triton
 from .numerics import (
     KV_FP8_BYTES,
-    ROPE_DIM,
     apply_rope,
     fp4_fake_quant,
-    fp8_fake_quant,
     hadamard_rotate,
+    kv_fp8_sim,
     pack_kv_fp8,
     rms_norm,
 )
@@ -43,7 +42,7 @@ def _postprocess_ref(c: torch.Tensor, positions: torch.Tensor, norm_weight, inv_
     y = apply_rope(rms_norm(c.to(torch.bfloat16), norm_weight, eps), positions, inv_freq)
     if indexer:
         return fp4_fake_quant(hadamard_rotate(y))
-    return torch.cat([fp8_fake_quant(y[:, :-ROPE_DIM]), y[:, -ROPE_DIM:]], 1)
+    return kv_fp8_sim(y, 2 * inv_freq.numel())
 
 
 def _check(kv, score, ape, norm_weight, cu_seqlens, start_pos, state_kv, state_score, state_slot, out, page_table,

@@ -22,16 +22,15 @@ from __future__ import annotations
 import torch
 
 from .dispatch import use_triton
-from .numerics import FP4_BLOCK, exp2i, pow2_ceil_exponent
+from .numerics import FP4_BLOCK, FP8_MAX, blocks, exp2i, fp4_block_scale_exponent
 
 
 def pack_index_keys_fp8(keys: torch.Tensor) -> torch.Tensor:
     """bf16 [pages, page_size, D_I] -> the FP8 key layout uint8 [pages, page_size * (D_I + D_I // 32)]."""
     pages, page_size, d = keys.shape
-    blocks = keys.float().unflatten(-1, (-1, FP4_BLOCK))
-    amax = blocks.abs().amax(-1).clamp_min(6.0 * 2.0**-126)
-    exponent = pow2_ceil_exponent(amax / 6.0)  # [pages, page_size, D_I // 32]
-    codes = (blocks / exp2i(exponent)[..., None]).clamp(-448, 448).to(torch.float8_e4m3fn).view(torch.uint8)
+    exponent = fp4_block_scale_exponent(keys)  # [pages, page_size, D_I // 32]
+    codes = (blocks(keys, FP4_BLOCK) / exp2i(exponent)[..., None]).clamp(-FP8_MAX, FP8_MAX)
+    codes = codes.to(torch.float8_e4m3fn).view(torch.uint8)
     scales = (exponent + 127).to(torch.uint8)
     return torch.cat([codes.reshape(pages, -1), scales.reshape(pages, -1)], 1)
 

@@ -265,7 +265,7 @@ def quantize_fp8_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     padded[:out, :inp] = w
     blocks = padded.view(po // FP8_BLOCK, FP8_BLOCK, pi // FP8_BLOCK, FP8_BLOCK)
     amax = blocks.abs().amax((1, 3)).clamp_min(1e-4)
-    scale = ops._pow2_ceil(amax / ops.FP8_MAX)
+    scale = ops.pow2_ceil(amax / ops.FP8_MAX)
     q = (blocks / scale[:, None, :, None]).clamp(-ops.FP8_MAX, ops.FP8_MAX).to(torch.float8_e4m3fn)
     return q.view(po, pi)[:out, :inp].contiguous(), scale.to(torch.float8_e8m0fnu)
 

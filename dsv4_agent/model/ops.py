@@ -21,10 +21,28 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-FP8_MAX = 448.0
-FP4_MAX = 6.0
-# e2m1 code values in code-index order; code bit 3 is the sign.
+# re-exported names (FP*_MAX, hadamard, rope_cis, ...) keep `ops` the model's one namespace of numerics
+from dsv4_agent.kernels.numerics import (  # noqa: F401
+    FP4_MAX,
+    FP8_MAX,
+    apply_rope,
+    exp2i,
+    fp4_block_scale_exponent,
+    fp4_fake_quant,
+    fp8_block_scale_exponent,
+    fp8_fake_quant,
+    fp8_quant,
+    hadamard_matrix,
+    kv_fp8_sim,
+    pow2_ceil,
+    rms_norm,
+    rope_cis,
+)
+from dsv4_agent.kernels.numerics import hadamard_rotate as hadamard  # noqa: F401
+
+# e2m1 code values in code-index order; code bit 3 is the sign (the packed FP4 weight format).
 FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+_pow2_ceil = pow2_ceil  # the former private name; dsv4_agent/serve/v4pool.py still uses it
 
 
 @dataclass(frozen=True)
@@ -62,57 +80,34 @@ def _triton(*tensors: torch.Tensor):
 # ---------------------------------------------------------------------------------------------------------
 # Quantizers (spec 2.3, 2.4, 2.6) and weight dequantization (spec 7)
 # ---------------------------------------------------------------------------------------------------------
-def _pow2_ceil(t: torch.Tensor) -> torch.Tensor:
-    """2^ceil(log2(t)) for positive normal fp32 ``t``, read off the bit pattern (exponent, +1 if mantissa != 0)."""
-    bits = t.float().contiguous().view(torch.int32)
-    exp = ((bits >> 23) & 0xFF) - 127 + ((bits & 0x7FFFFF) != 0).int()
-    return torch.ldexp(torch.ones_like(t, dtype=torch.float32), exp)
-
-
-def _blocks(x: torch.Tensor, block: int) -> torch.Tensor:
-    if x.shape[-1] % block:
-        raise ValueError(f"last dim {x.shape[-1]} is not a multiple of the quantization block {block}")
-    return x.reshape(*x.shape[:-1], x.shape[-1] // block, block)
-
-
+# The block quantizers, RMSNorm, RoPE and Hadamard are the shared ones of `dsv4_agent.kernels.numerics`
+# (one implementation for the model and the kernels' references). The model's wrappers below only keep its
+# convention that a simulation returns the dtype it was given (fp32 in the fp32_sim mode; the values are
+# bf16-representable either way, the kernels' versions return bf16).
 def fp8_scales(x: torch.Tensor, block: int) -> torch.Tensor:
     """Power-of-two e4m3 scales of ``x`` [..., n] per block of ``block`` along the last dim -> fp32 [..., n/block]."""
-    amax = _blocks(x, block).float().abs().amax(-1).clamp_min(1e-4)
-    return _pow2_ceil(amax * torch.tensor(1.0 / FP8_MAX, dtype=torch.float32))
+    return exp2i(fp8_block_scale_exponent(x, block))
 
 
 def act_quant(x: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
     """FP8 activation quantization (spec 2.6): x [..., n] -> (q float8_e4m3fn [..., n], s float8_e8m0fnu [..., n/block])."""
-    s = fp8_scales(x, block)
-    q = (_blocks(x, block).float() / s[..., None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-    return q.reshape(x.shape), s.to(torch.float8_e8m0fnu)
+    q, exponent = fp8_quant(x, block)
+    return q, exp2i(exponent).to(torch.float8_e8m0fnu)
 
 
 def fp8_sim(x: torch.Tensor, block: int) -> torch.Tensor:
-    """In-place-style FP8 e4m3 fake quantization (spec 2.3): x [..., n] -> same shape and dtype."""
-    q, s = act_quant(x, block)
-    y = _blocks(q, block).float() * s.float()[..., None]
-    return y.reshape(x.shape).to(torch.bfloat16).to(x.dtype)
+    """FP8 e4m3 fake quantization (spec 2.3): x [..., n] -> same shape and dtype."""
+    return fp8_fake_quant(x, block).to(x.dtype)
 
 
 def fp4_scales(x: torch.Tensor, block: int = 32) -> torch.Tensor:
     """Power-of-two e2m1 scales of ``x`` [..., n] per block along the last dim -> fp32 [..., n/block]."""
-    return _pow2_ceil(_blocks(x, block).float().abs().amax(-1).clamp_min(FP4_MAX * 2.0**-126) / FP4_MAX)
+    return exp2i(fp4_block_scale_exponent(x, block))
 
 
 def fp4_sim(x: torch.Tensor, block: int = 32) -> torch.Tensor:
     """FP4 e2m1 fake quantization (spec 2.4): x [..., n] -> same shape and dtype, ties to the even code."""
-    xb = _blocks(x, block).float()
-    s = fp4_scales(x, block)[..., None]
-    v = (xb / s).clamp(-FP4_MAX, FP4_MAX)
-    grid = torch.tensor(FP4_VALUES, dtype=torch.float32, device=x.device)
-    mids = (grid[1:] + grid[:-1]) / 2
-    a = v.abs()
-    code = torch.searchsorted(mids, a.contiguous())  # number of midpoints strictly below |v|: the lower neighbour
-    tie = mids[code.clamp(max=len(mids) - 1)] == a
-    code = torch.where(tie & (code % 2 == 1), code + 1, code)  # on a tie take the even code
-    y = torch.copysign(grid[code], v) * s
-    return y.reshape(x.shape).to(torch.bfloat16).to(x.dtype)
+    return fp4_fake_quant(x, block).to(x.dtype)
 
 
 def dequant_fp8_weight(w: torch.Tensor, scale: torch.Tensor, block: int = 128) -> torch.Tensor:
@@ -147,17 +142,8 @@ def dequant_fp4_weight(w: torch.Tensor, scale: torch.Tensor, block: int = 32) ->
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Elementwise pieces (spec 2.1, 2.2, 2.5)
+# RoPE frequencies (spec 2.2); rotation, RMSNorm and Hadamard are imported from the kernels' numerics
 # ---------------------------------------------------------------------------------------------------------
-def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, out_dtype: torch.dtype) -> torch.Tensor:
-    """x [..., n] -> w * x / sqrt(mean(x^2) + eps) computed in fp32, rounded to ``out_dtype``."""
-    xf = x.float()
-    y = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
-    if weight is not None:
-        y = weight.float() * y
-    return y.to(out_dtype)
-
-
 def rope_frequencies(rope_dim: int, base: float, yarn: tuple[int, float, float, float] | None) -> torch.Tensor:
     """Per-pair rotary frequencies theta'_i, fp32 [rope_dim/2] (spec 2.2).
 
@@ -180,45 +166,9 @@ def rope_frequencies(rope_dim: int, base: float, yarn: tuple[int, float, float, 
     return freqs
 
 
-def rope_cis(positions: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-    """exp(j * phi(t, i)) with phi = fp32(t) * theta'_i rounded to fp32: complex64 [n, r/2]."""
-    angles = torch.outer(positions.to(torch.float32), freqs)
-    return torch.polar(torch.ones_like(angles), angles)
-
-
-def apply_rope(x: torch.Tensor, positions: torch.Tensor, freqs: torch.Tensor, inverse: bool = False) -> torch.Tensor:
-    """Rotate interleaved pairs of the last dim: x [n, ..., r] at positions [n] -> same shape and dtype."""
-    cis = rope_cis(positions, freqs)
-    if inverse:
-        cis = cis.conj()
-    cis = cis.view(cis.shape[0], *([1] * (x.dim() - 2)), cis.shape[1])
-    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2).contiguous())
-    return torch.view_as_real(xc * cis).reshape(x.shape).to(x.dtype)
-
-
 def rope_tail(x: torch.Tensor, positions: torch.Tensor, freqs: torch.Tensor, inverse: bool = False) -> torch.Tensor:
-    """RoPE on the last ``2 * len(freqs)`` dims of x [n, ..., D]; the leading dims are passed through."""
-    r = 2 * freqs.numel()
-    return torch.cat([x[..., :-r], apply_rope(x[..., -r:], positions, freqs, inverse)], dim=-1)
-
-
-def hadamard_matrix(n: int) -> torch.Tensor:
-    """Sylvester (natural order) Walsh-Hadamard matrix, fp32 [n, n]; n a power of two."""
-    h = torch.ones(1, 1)
-    while h.shape[0] < n:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return h
-
-
-def hadamard(x: torch.Tensor) -> torch.Tensor:
-    """rot(x) = (x @ H_n) * n^-1/2 along the last dim, in fp32, rounded back to x.dtype (spec 2.5)."""
-    n = x.shape[-1]
-    return ((x.float() @ hadamard_matrix(n).to(x.device)) * n**-0.5).to(x.dtype)
-
-
-def kv_fp8_sim(kv: torch.Tensor, rope_dim: int) -> torch.Tensor:
-    """FP8 simulation of a KV vector / main entry: dims [0, D - r) in blocks of 64, rope dims untouched."""
-    return torch.cat([fp8_sim(kv[..., :-rope_dim], 64), kv[..., -rope_dim:]], dim=-1)
+    """RoPE on the last ``2 * len(freqs)`` dims of x [n, ..., D] at positions [n]; the leading dims pass through."""
+    return apply_rope(x, positions.view(-1, *([1] * (x.dim() - 2))), freqs, inverse)
 
 
 # ---------------------------------------------------------------------------------------------------------

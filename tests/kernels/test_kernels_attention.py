@@ -8,7 +8,7 @@ import torch
 from dsv4_agent.kernels import (
     decode_window_ranges,
     extend_window_ranges,
-    fp8_fake_quant,
+    kv_fp8_sim,
     pack_kv_fp8,
     sparse_attn_decode,
     sparse_attn_extend,
@@ -22,8 +22,7 @@ TOL = 5e-3  # bf16 probabilities in the value product (as the official kernel) v
 
 def _model_kv(*shape, device):
     """Random KV vectors as the model makes them: no-rope dims FP8-representable, rope dims bf16."""
-    kv = torch.randn(*shape, 512, device=device).bfloat16()
-    return torch.cat([fp8_fake_quant(kv[..., :448]), kv[..., 448:]], -1)
+    return kv_fp8_sim(torch.randn(*shape, 512, device=device).bfloat16())
 
 
 def _paged_pool(n_entries: list[int], page_size: int, device):
