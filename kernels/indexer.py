@@ -1,8 +1,9 @@
 """Lightning-indexer scoring and top-k selection (spec §4.5).
 
 For a query token `i` with indexer queries `q[i]` [H_I, D_I] and head weights `w[i]` [H_I], the score
-of available entry `e < n_avail[i]` is `sum_h w[i, h] * relu(q[i, h] . key[e])` (fp32 here; the
-reference model keeps bf16 intermediates). Entries `e >= n_avail[i]` are not available (causality:
+of available entry `e < n_avail[i]` is `sum_h w[i, h] * relu(q[i, h] . key[e])`, in fp32, or with
+`bf16_intermediates=True` as the reference model computes it in its released precision: the dot products,
+the weighted terms `w * relu(.)` and the head sum each rounded to bf16 (fp32 accumulation inside). Entries `e >= n_avail[i]` are not available (causality:
 `n_avail = (p + 1) // 4` for a query at position p) and score `-inf`.
 
 Key layout (paged like the attention pool; the page table is shared with the layer's CSA entries):
@@ -72,6 +73,8 @@ def indexer_scores_ref(
     n_avail: torch.Tensor,
     n_max: int,
     page_size: int | None = None,
+    *,
+    bf16_intermediates: bool = False,
 ) -> torch.Tensor:
     """fp32 reference of `indexer_scores`: [T, n_max], -inf where not available."""
     t, _, d = q.shape
@@ -81,8 +84,12 @@ def indexer_scores_ref(
     e = torch.arange(n_max, device=q.device)
     pages = page_table.long()[q_seq.long()[:, None], (e // page_size)[None, :].expand(t, -1)]
     k = keys.flatten(0, 1).float()[pages * page_size + e % page_size]  # [T, n_max, D_I]
-    scores = torch.einsum("thd,ted->the", q.float(), k).relu()
-    scores = torch.einsum("th,the->te", weights.float(), scores)
+    dots = torch.einsum("thd,ted->the", q.float(), k)
+    if bf16_intermediates:
+        terms = dots.bfloat16().relu() * weights.bfloat16()[..., None]  # bf16 product: rounded
+        scores = terms.float().sum(1).bfloat16().float()
+    else:
+        scores = torch.einsum("th,the->te", weights.float(), dots.relu())
     return scores.masked_fill(e[None, :] >= n_avail.long()[:, None], float("-inf"))
 
 
@@ -107,6 +114,8 @@ def indexer_scores(
     n_avail: torch.Tensor,
     n_max: int,
     page_size: int | None = None,
+    *,
+    bf16_intermediates: bool = False,
 ) -> torch.Tensor:
     """Scores [T, n_max] fp32 of every query against entries `[0, n_max)` of its sequence.
 
@@ -117,8 +126,10 @@ def indexer_scores(
     if use_triton(q, keys):
         from .triton_indexer import indexer_scores_triton
 
-        return indexer_scores_triton(q, weights, keys, page_table, q_seq, n_avail, n_max, page_size)
-    return indexer_scores_ref(q, weights, keys, page_table, q_seq, n_avail, n_max, page_size)
+        return indexer_scores_triton(q, weights, keys, page_table, q_seq, n_avail, n_max, page_size,
+                                     bf16_intermediates=bf16_intermediates)
+    return indexer_scores_ref(q, weights, keys, page_table, q_seq, n_avail, n_max, page_size,
+                              bf16_intermediates=bf16_intermediates)
 
 
 def topk_indices(scores: torch.Tensor, n_avail: torch.Tensor, k: int) -> torch.Tensor:

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from .numerics import FP4_BLOCK
-from .triton_utils import INTERPRET, dot
+from .triton_utils import INTERPRET, dot, round_bf16
 
 # Radix select in 8-bit digits, most significant first (Triton's histogram costs ~bins/32 operations per
 # element and thread, so digits stay small): digit 1 over all scores, digit 2 over the candidates that
@@ -36,7 +36,7 @@ def _index_scores_kernel(
     keys_ptr, stride_page, page_size, pt_ptr, stride_pt, q_seq_ptr, n_avail_ptr,
     out_ptr, stride_ot, n_max,
     HI: tl.constexpr, DI: tl.constexpr, BLOCK_N: tl.constexpr, FP8: tl.constexpr, SB: tl.constexpr,
-    INTERP: tl.constexpr,
+    INTERP: tl.constexpr, BF16_STEPS: tl.constexpr,
 ):
     t = tl.program_id(0)
     e = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -68,14 +68,18 @@ def _index_scores_kernel(
             rows = page * page_size + slot
             k = tl.load(keys_ptr + rows[:, None] * stride_page + offs_d[None, :], mask=valid[:, None], other=0.0)
         s = dot(k, tl.trans(q), INTERP)  # [BLOCK_N, HI]
-        score = tl.sum(tl.maximum(s, 0.0) * w[None, :], 1)
+        if BF16_STEPS:  # the reference model's bf16 tensors: dots, weighted terms and the head sum rounded
+            terms = round_bf16(tl.maximum(round_bf16(s), 0.0) * round_bf16(w)[None, :])
+            score = round_bf16(tl.sum(terms, 1))
+        else:
+            score = tl.sum(tl.maximum(s, 0.0) * w[None, :], 1)
         tl.store(out_ptrs, tl.where(valid, score, float("-inf")), mask=e < n_max)
     else:  # nothing available in this block
         tl.store(out_ptrs, tl.full([BLOCK_N], float("-inf"), tl.float32), mask=e < n_max)
 
 
 def indexer_scores_triton(q, weights, keys, page_table, q_seq, n_avail, n_max, page_size=None, *, block_n=64,
-                          num_warps=4):
+                          num_warps=4, bf16_intermediates=False):
     t, hi, di = q.shape
     out = torch.empty(t, n_max, device=q.device, dtype=torch.float32)
     if t == 0 or n_max == 0:
@@ -88,7 +92,8 @@ def indexer_scores_triton(q, weights, keys, page_table, q_seq, n_avail, n_max, p
         q, q.stride(0), q.stride(1), weights, weights.stride(0),
         keys, keys.stride(0), page_size, page_table, page_table.stride(0), q_seq, n_avail,
         out, out.stride(0), n_max,
-        HI=hi, DI=di, BLOCK_N=block_n, FP8=fp8, SB=FP4_BLOCK, INTERP=INTERPRET, num_warps=num_warps,
+        HI=hi, DI=di, BLOCK_N=block_n, FP8=fp8, SB=FP4_BLOCK, INTERP=INTERPRET, BF16_STEPS=bf16_intermediates,
+        num_warps=num_warps,
     )
     return out
 

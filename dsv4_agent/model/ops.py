@@ -77,6 +77,11 @@ def _triton(*tensors: torch.Tensor):
     return kernels if kernels.use_triton(*tensors) else None
 
 
+def _dot_tileable(*dims: int) -> bool:
+    """Dims a Triton kernel can tile for tl.arange / tl.dot: powers of two, at least 16."""
+    return all(d >= 16 and d & (d - 1) == 0 for d in dims)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Quantizers (spec 2.3, 2.4, 2.6) and weight dequantization (spec 7)
 # ---------------------------------------------------------------------------------------------------------
@@ -267,6 +272,14 @@ def indexer_scores(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, a
     q [n, H_I, D_I], weights [n, H_I], keys [N, D_I] -> [n, N] (fp32 values; each step rounded to
     ``act_dtype`` like the reference's bf16 tensors).
     """
+    n, H, D = q.shape
+    N = keys.shape[0]
+    if (act_dtype == q.dtype == keys.dtype == torch.bfloat16 and n and N and _dot_tileable(H, D)
+            and (kernels := _triton(q, keys)) is not None):
+        # kernel layout: `keys` as a single page of N entries, every entry available (top-k masks later)
+        zeros = torch.zeros(n, dtype=torch.int32, device=q.device)
+        return kernels.indexer_scores(q.contiguous(), weights.contiguous(), keys.contiguous()[None], zeros[:1, None],
+                                      zeros, zeros + N, N, bf16_intermediates=True)
     dots = torch.einsum("nhd,kd->nhk", q.float(), keys.float()).to(act_dtype)
     return (torch.relu(dots) * weights.to(act_dtype)[..., None]).sum(1).float()
 

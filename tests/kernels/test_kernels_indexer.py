@@ -111,6 +111,24 @@ def test_scores_match_reference(n_avail, q_seq, fp8, device, force_triton):
         assert rel_err(out[avail], ref[avail]) < 1e-5
 
 
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+def test_scores_with_bf16_intermediates(fp8, device, force_triton):
+    """The model's released-precision rounding (dots, weighted terms, head sum in bf16): the kernel equals the
+    reference up to the fp32 summation order, which moves a rare value by one bf16 ulp."""
+    case = _index_case([0, 1, 77, 300], [0, 1, 1, 2], heads=16, page_size=16, device=device)
+    ref = indexer_scores_ref(**case, bf16_intermediates=True)
+    if fp8:
+        case = {**case, "keys": pack_index_keys_fp8(case["keys"]), "page_size": 16}
+    with poisoned_outputs():
+        out = indexer_scores(**case, bf16_intermediates=True)
+    avail = torch.isfinite(ref)
+    assert torch.equal(torch.isfinite(out), avail)
+    assert torch.equal(out[avail].bfloat16().float(), out[avail])  # bf16 values
+    assert rel_err(out[avail], ref[avail]) < 1e-3
+    assert (out[avail] == ref[avail]).float().mean() > 0.99
+    assert not torch.equal(ref, indexer_scores_ref(**case))  # the option changes the result
+
+
 def test_indexer_topk_end_to_end(device, force_triton):
     case = _index_case([3, 200, 90], [0, 1, 1], heads=16, page_size=32, device=device)
     with poisoned_outputs():

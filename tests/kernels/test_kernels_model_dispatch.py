@@ -49,3 +49,14 @@ def test_indexer_topk_same_set(monkeypatch):
     assert out.dtype == ref.dtype == torch.long and out.shape == ref.shape
     for o, r in zip(out, ref, strict=True):
         assert sorted(o.tolist()) == sorted(r.tolist())
+
+
+@pytest.mark.parametrize("n,N", [(1, 1), (5, 77), (3, 200)])
+def test_indexer_scores_bf16(n, N, monkeypatch):
+    """Released precision (bf16 intermediates): equal up to the fp32 summation order (one bf16 ulp, rarely)."""
+    q = ops.fp4_sim(torch.randn(n, 16, 128, device=DEVICE).bfloat16())
+    keys = ops.fp4_sim(torch.randn(N, 128, device=DEVICE).bfloat16())
+    w = torch.randn(n, 16, device=DEVICE).bfloat16()
+    ref, out = _both(monkeypatch, lambda: ops.indexer_scores(q, w, keys, torch.bfloat16))
+    assert out.dtype == ref.dtype == torch.float32 and out.shape == ref.shape == (n, N)
+    assert rel_err(out, ref) < 1e-3 and (out == ref).float().mean() > 0.98
