@@ -238,9 +238,17 @@ class V4TailRadixCache(RadixCache):
             self.evictable_size_ += self.page_size
 
     def on_release(self, req, *, checkpointed: bool) -> None:
-        self._unreserve(req.rid)
-        self.branch.pop(req.rid, None)
-        self.hits.pop(req.rid, None)
+        self._forget(req.rid)
+
+    def release_aborted_request(self, handle) -> None:
+        """An aborted request (also one still waiting, which has no row to release) drops its reservation."""
+        super().release_aborted_request(handle)
+        self._forget(handle.rid)
+
+    def _forget(self, rid: str) -> None:
+        self._unreserve(rid)
+        self.branch.pop(rid, None)
+        self.hits.pop(rid, None)
 
     # ---- eviction -----------------------------------------------------------------------------------
     def _delete_leaf(self, node):
