@@ -19,9 +19,9 @@ import threading
 import time
 
 import httpx
-
 from dsv4_agent.encoding import render_assistant
 from dsv4_agent.encoding.tokens import EOS
+
 from dsv4_agent.serve.testing import ScriptedServer
 
 TOOL = {"type": "function", "function": {"name": "bash", "parameters": {
