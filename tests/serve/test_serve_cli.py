@@ -84,3 +84,15 @@ def test_shim_assigns_request_slots():
         assert "some_cuda_kernel" in str(e)
     else:
         raise AssertionError("placeholder kernels must raise")
+
+
+def test_console_script_and_module_entry_points():
+    import subprocess
+    import sys
+
+    exe = Path(sys.executable).with_name("dsv4-agent")
+    for cmd in ([str(exe), "serve", "--help"], [sys.executable, "-m", "dsv4_agent.launch_server", "--help"]):
+        if not Path(cmd[0]).exists():
+            continue  # the console script exists only in an installed environment
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0 and "dsv4-agent serve [--model-path PATH]" in out.stdout
