@@ -49,6 +49,7 @@ class ResumeRecord:
     tail: TailState
     node: TreeNode
     tokens: tuple[int, ...] = ()  # tokens of the incomplete page [P, length) (partial records only)
+    namespace: tuple = (None, None)  # (extra_key, cache_salt): the root node is shared by all namespaces
     locs: torch.Tensor | None = None  # their SGLang locs (the page the record owns)
     reserved_by: str | None = None
     dropped: bool = field(default=False, repr=False)
@@ -83,12 +84,13 @@ class V4TailRadixCache(RadixCache):
         self.branch.pop(rid, None)
         tree = super().match_prefix(params)
         key = params.key
+        namespace = (key.extra_key, key.cache_salt)
         best, best_node = None, self.root_node
         for node, depth in self._path(tree.last_device_node):
             for rec in _records(node):
                 if rec.length > len(key) or (best is not None and rec.length <= best.length):
                     continue
-                if rec.partial and (rec.reserved_by not in (None, rid)
+                if rec.partial and (rec.reserved_by not in (None, rid) or rec.namespace != namespace
                                     or tuple(key.token_ids[depth:rec.length]) != rec.tokens):
                     continue
                 best, best_node = rec, node
@@ -192,7 +194,8 @@ class V4TailRadixCache(RadixCache):
         locs = self.req_to_token_pool.req_to_token[row, aligned:up_to].to(torch.int64).clone()
         req.kv.cache_protected_len = up_to  # the page now belongs to the record: release frees none of it
         self.evictable_size_ += self.page_size
-        self._add(ResumeRecord(up_to, tail, node, tokens=tuple(ids[aligned:up_to]), locs=locs))
+        self._add(ResumeRecord(up_to, tail, node, tokens=tuple(ids[aligned:up_to]), locs=locs,
+                               namespace=(req.extra_key, req.cache_salt or None)))
 
     # ---- bookkeeping --------------------------------------------------------------------------------
     def _add(self, rec: ResumeRecord) -> None:
