@@ -18,6 +18,7 @@ are only defaults a user flag overrides:
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import sys
@@ -63,11 +64,12 @@ def _drop(argv: list[str], name: str) -> list[str]:
 
 
 def _has_cuda() -> bool:
+    """A usable CUDA device, asked of the driver directly (importing torch here would cost seconds)."""
     try:
-        import torch
-
-        return torch.cuda.is_available()
-    except Exception:
+        cuda = ctypes.CDLL("libcuda.so.1")
+        count = ctypes.c_int(0)
+        return cuda.cuInit(0) == 0 and cuda.cuDeviceGetCount(ctypes.byref(count)) == 0 and count.value > 0
+    except OSError:
         return False
 
 
