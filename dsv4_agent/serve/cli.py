@@ -6,7 +6,8 @@ are only defaults a user flag overrides:
 
 * `--tool-call-parser dsv4_agent --reasoning-parser dsv4_agent` (our plugin also selects our chat encoding);
 * `--served-model-name deepseek-v4-...` (clients such as openai-agents replay reasoning only for names
-  containing "deepseek"), `--sampling-defaults model` (generation_config: T=1.0, top_p=1.0);
+  containing "deepseek"), `--sampling-defaults model` (generation_config: T=1.0, top_p=1.0),
+  `--enable-cache-report` (agents see `usage.prompt_tokens_details.cached_tokens`);
 * official `DeepseekV4ForCausalLM` checkpoints are routed to our architecture with
   `--json-model-override-args '{"architectures": ["DSV4AgentForCausalLM"]}'` (SGLang applies it to the
   loaded config in every process; nothing on disk changes), merged into a user-given override;
@@ -104,6 +105,8 @@ def build_command(argv: list[str], *, cuda: bool | None = None) -> tuple[list[st
     for name, value in defaults.items():
         if _flag(args, name) is None:
             args += [name, value]
+    if "--enable-cache-report" not in args:  # usage.prompt_tokens_details.cached_tokens on every response
+        args.append("--enable-cache-report")
 
     if _architecture(model_path) in OFFICIAL_ARCHS:
         raw = _flag(args, "--json-model-override-args")

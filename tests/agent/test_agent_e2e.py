@@ -94,11 +94,6 @@ def test_sdk_parallel_calls_and_interleaved_reasoning(v4_server):
     assert usage[1].prompt_tokens > usage[0].prompt_tokens + usage[0].completion_tokens  # append-only growth
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server gap: usage.prompt_tokens_details is null (SGLang needs --enable-cache-report), so clients "
-    "see cached_tokens=0 even when the prefix cache hits (reported to the lead)",
-)
 def test_second_turn_reports_cached_prompt_tokens(v4_server):
     v4_server.script_rules(
         after("CACHE-R1", completion_text("CACHE-R2", "done")),

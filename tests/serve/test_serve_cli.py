@@ -28,6 +28,7 @@ def test_official_checkpoint_routed_and_defaults_set(tmp_path):
     assert _value(args, "--reasoning-parser") == REASONING_PARSER
     assert _value(args, "--served-model-name") == "deepseek-v4-flash"
     assert _value(args, "--sampling-defaults") == "model"
+    assert args.count("--enable-cache-report") == 1  # a user flag is not doubled
     assert json.loads(_value(args, "--json-model-override-args")) == {"architectures": [MODEL_ARCH]}
     assert env["SGLANG_EXTERNAL_MODEL_PACKAGE"] == MODELS_PACKAGE
     assert "SGLANG_USE_CPU_ENGINE" not in env and "--max-total-tokens" not in args  # CUDA: no CPU setup
@@ -38,6 +39,7 @@ def test_user_flags_win_and_overrides_merge(tmp_path):
     args, _ = build_command(["--model-path", path, "--served-model-name", "mine", "--tool-call-parser=hermes",
                              "--json-model-override-args", '{"max_position_embeddings": 4096}'], cuda=True)
     assert args.count("--served-model-name") == 1 and _value(args, "--served-model-name") == "mine"
+    assert "--enable-cache-report" in args  # our default: cached_tokens in every response's usage
     assert "--tool-call-parser=hermes" in args and "--tool-call-parser" not in args
     assert json.loads(_value(args, "--json-model-override-args")) == {"max_position_embeddings": 4096,
                                                                       "architectures": [MODEL_ARCH]}
