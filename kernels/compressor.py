@@ -8,9 +8,10 @@ overlap, kappa = 2; otherwise kappa = 1) and width c = kc / kappa, entry i pools
     C_i[j] = sum_cand softmax_cand(S_cand[j]) K_cand[j]
 
 over the B halves of block i's m tokens and (overlap only) the A halves of block i-1's tokens
-(S includes `ape[t mod m]`). Post-processing: bf16, RMSNorm(`norm_weight`), RoPE on the last 64 dims at
-position m*i, then either FP8 fake quantization of the first c-64 dims (main compressor) or a
-Hadamard rotation + FP4 fake quantization (indexer compressor, `indexer=True`).
+(S includes `ape[t mod m]`). Post-processing: bf16, RMSNorm(`norm_weight`), RoPE at position m*i on the
+last rope_dim = 2 * len(inv_freq) dims (64 in V4), then either FP8 fake quantization of the first
+c - rope_dim dims (main compressor) or a Hadamard rotation + FP4 fake quantization (indexer compressor,
+`indexer=True`). These are the steps of the model's compressor in its released precision.
 
 Partial state (per request slot, fp32): `state_kv`, `state_score` [R, kappa*m, kc]; token t lives in
 row `t mod (kappa*m)` with its score already including `ape`. It must hold the tokens before
@@ -28,6 +29,7 @@ import torch
 from .dispatch import use_triton
 from .numerics import (
     KV_FP8_BYTES,
+    ROPE_DIM,
     apply_rope,
     fp4_fake_quant,
     hadamard_rotate,
@@ -45,8 +47,8 @@ def _postprocess_ref(c: torch.Tensor, positions: torch.Tensor, norm_weight, inv_
     return kv_fp8_sim(y, 2 * inv_freq.numel())
 
 
-def _check(kv, score, ape, norm_weight, cu_seqlens, start_pos, state_kv, state_score, state_slot, out, page_table,
-           ratio) -> tuple[int, int]:
+def _check(kv, score, ape, norm_weight, inv_freq, cu_seqlens, start_pos, state_kv, state_score, state_slot, out,
+           page_table, ratio) -> tuple[int, int]:
     kappa = 2 if ratio == 4 else 1
     if kv.dim() != 2 or score.shape != kv.shape:
         raise ValueError(f"kv/score: expected equal [tokens, kc], got {tuple(kv.shape)}, {tuple(score.shape)}")
@@ -56,6 +58,10 @@ def _check(kv, score, ape, norm_weight, cu_seqlens, start_pos, state_kv, state_s
         raise ValueError(f"ape: expected [{ratio}, {kc}], got {tuple(ape.shape)}")
     if norm_weight.shape != (c,):
         raise ValueError(f"norm_weight: expected [{c}], got {tuple(norm_weight.shape)}")
+    rope = 2 * inv_freq.numel()
+    if inv_freq.dim() != 1 or rope > c or (out.dtype == torch.uint8 and rope != ROPE_DIM):
+        raise ValueError(f"inv_freq: expected [rope_dim / 2] with rope_dim <= {c} ({ROPE_DIM} for the FP8 layout), "
+                         f"got {tuple(inv_freq.shape)}")
     b = start_pos.shape[0]
     if cu_seqlens.shape != (b + 1,) or state_slot.shape != (b,) or page_table.shape[0] < b:
         raise ValueError("cu_seqlens/state_slot/page_table: expected [B+1], [B], [>= B, pages] for B = len(start_pos)")
@@ -86,7 +92,7 @@ def compress_tokens_ref(
     eps: float = 1e-6,
 ) -> None:
     """fp32 reference of `compress_tokens` (updates `out`, `state_kv`, `state_score` in place)."""
-    kappa, c = _check(kv, score, ape, norm_weight, cu_seqlens, start_pos, state_kv, state_score, state_slot, out,
+    kappa, c = _check(kv, score, ape, norm_weight, inv_freq, cu_seqlens, start_pos, state_kv, state_score, state_slot, out,
                       page_table, ratio)
     rows = kappa * ratio
     page_size = out.shape[1]
@@ -142,7 +148,7 @@ def compress_tokens(
     `start_pos` = positions) use the same call. `max_seqlen` (longest new-token run, a host int)
     sizes the Triton grid without a device sync; inv_freq [32] fp32 is the layer's RoPE table.
     """
-    _check(kv, score, ape, norm_weight, cu_seqlens, start_pos, state_kv, state_score, state_slot, out, page_table,
+    _check(kv, score, ape, norm_weight, inv_freq, cu_seqlens, start_pos, state_kv, state_score, state_slot, out, page_table,
            ratio)
     if use_triton(kv, state_kv, out):
         from .triton_compressor import compress_tokens_triton

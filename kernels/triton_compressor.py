@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .numerics import FP4_BLOCK, FP8_BLOCK, KV_FP8_ROPE_OFFSET, KV_FP8_SCALE_OFFSET, ROPE_DIM, hadamard_matrix
+from .numerics import FP4_BLOCK, FP8_BLOCK, KV_FP8_ROPE_OFFSET, KV_FP8_SCALE_OFFSET, hadamard_matrix
 from .triton_utils import INTERPRET, dot, round_bf16
 
 
@@ -107,7 +107,7 @@ def _compress_entry_kernel(
 
         # RMSNorm (weighted), bf16 out
         w = tl.load(norm_w_ptr + ch).to(tl.float32)
-        x = round_bf16(w * x * tl.rsqrt(tl.sum(x * x, 0) / C + eps))
+        x = round_bf16(w * (x * tl.rsqrt(tl.sum(x * x, 0) / C + eps)))
 
         # RoPE on the last ROPE dims at position RATIO * i: interleaved pairs (even, odd)
         even, odd = tl.split(tl.reshape(x, (C // 2, 2)))
@@ -204,7 +204,7 @@ def compress_tokens_triton(kv, score, ape, norm_weight, inv_freq, cu_seqlens, st
         cu_seqlens, start_pos, state_kv, state_score, state_kv.stride(0), state_kv.stride(1), state_slot,
         out, out.stride(0), out.stride(1), out.shape[1], page_table, page_table.stride(0),
         _hadamard_bf16(c, kv.device) if indexer else norm_weight, eps,
-        RATIO=ratio, KAPPA=kappa, C=c, ROWS=rows, INDEXER=indexer, PACK_FP8=pack, ROPE=ROPE_DIM,
+        RATIO=ratio, KAPPA=kappa, C=c, ROWS=rows, INDEXER=indexer, PACK_FP8=pack, ROPE=2 * inv_freq.numel(),
         QB=FP4_BLOCK if indexer else FP8_BLOCK, ROPE_OFF=KV_FP8_ROPE_OFFSET, SCALE_OFF=KV_FP8_SCALE_OFFSET,
         INTERP=INTERPRET, HAD_BUTTERFLY=hadamard == "butterfly", LOG2C=c.bit_length() - 1,
         num_warps=num_warps,

@@ -141,7 +141,6 @@ class Compressor(nn.Module):
         self.wgate = Linear(cfg.hidden_size, k * width, "fp32")
         self.norm = RMSNorm(width, cfg.rms_norm_eps)
         self.rotate = rotate  # indexer keys: Hadamard + FP4; main entries: FP8 on the non-rope dims
-        self.rope_dim = cfg.qk_rope_head_dim
 
     def raw(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token candidates: x [N, d] -> (K [N, k*c], S [N, k*c]) fp32, S including ape[t mod m]."""
@@ -162,34 +161,10 @@ class Compressor(nn.Module):
         all_kv = torch.cat([ring_kv[old], kv])
         all_score = torch.cat([ring_score[old], score])
         run = _CompressorRun(old_entries.to(num.act_dtype), all_kv, all_score, lo)
-        nb = end_block - first_block
-        if nb <= 0:
-            return run
-        a, b = m * first_block - lo, m * end_block - lo
-        cur_kv = all_kv[a:b].view(nb, m, -1)
-        cur_score = all_score[a:b].view(nb, m, -1)
-        if self.overlap:
-            if first_block == 0:  # block 0 has no predecessor: its candidates get score -inf
-                head_kv = torch.zeros_like(cur_kv[:1])
-                head_score = torch.full_like(cur_score[:1], float("-inf"))
-            else:
-                head_kv = all_kv[a - m:a].view(1, m, -1)
-                head_score = all_score[a - m:a].view(1, m, -1)
-            prev_kv = torch.cat([head_kv, cur_kv[:-1]])
-            prev_score = torch.cat([head_score, cur_score[:-1]])
-            pooled = ops.compress_entries(cur_kv, cur_score, prev_kv, prev_score)
-        else:
-            pooled = ops.compress_entries(cur_kv, cur_score)
-        entries = self.norm(pooled.to(num.act_dtype), num)
-        block_pos = torch.arange(first_block, end_block, device=kv.device) * m  # RoPE at the block's first token
-        entries = ops.rope_tail(entries, block_pos, freqs)
-        if self.rotate:
-            entries = ops.hadamard(entries)
-            if num.kv_sim:
-                entries = ops.fp4_sim(entries, 32)
-        elif num.kv_sim:
-            entries = ops.kv_fp8_sim(entries, self.rope_dim)
-        run.entries = torch.cat([run.entries, entries])
+        if end_block > first_block:
+            new = ops.compress_blocks(all_kv, all_score, lo, start, m, self.norm.weight, self.norm.eps, freqs,
+                                      self.rotate, num)
+            run.entries = torch.cat([run.entries, new])
         return run
 
     def write_pages(self, run: _CompressorRun, pool_t: torch.Tensor, pages: list[int], start: int, end: int) -> None:

@@ -266,6 +266,82 @@ def compress_entries(kv: torch.Tensor, score: torch.Tensor, kv_prev: torch.Tenso
     return (torch.softmax(score_c, dim=1) * kv_c).sum(1)
 
 
+def compress_blocks(kv_rows: torch.Tensor, score_rows: torch.Tensor, lo: int, start: int, ratio: int,
+                    norm_weight: torch.Tensor, eps: float, freqs: torch.Tensor, rotate: bool,
+                    num: Numerics) -> torch.Tensor:
+    """The compressed entries (spec 4.4) completed by new tokens at positions ``[start, lo + L)``.
+
+    kv_rows / score_rows [L, k*c] fp32: raw rows (content, gate logits incl. ``ape``) of positions
+    ``[lo, lo + L)``, from the first token of the first block to complete (overlap: of the block before it).
+    Each entry: softmax-gated pooling (:func:`compress_entries`), ``act_dtype``, RMSNorm, RoPE of the last
+    ``2 * len(freqs)`` dims at the block's first position, then with ``num.kv_sim`` FP8 of the other dims
+    (main entries) or, with ``rotate`` (indexer keys), Hadamard and FP4 -> [nb, c] in ``act_dtype``.
+    """
+    m, overlap = ratio, ratio == 4
+    first, end = start // m, (lo + kv_rows.shape[0]) // m
+    nb = max(end - first, 0)
+    c = kv_rows.shape[1] // (2 if overlap else 1)
+    if nb and (kernels := _compressor_kernels(c, m, freqs, num, kv_rows)) is not None:
+        return _compress_blocks_triton(kernels, kv_rows, score_rows, lo, start, m, norm_weight, eps, freqs, rotate)
+    a, b = m * first - lo, m * end - lo  # rows of the completed blocks
+    cur_kv = kv_rows[a:b].view(nb, m, -1)
+    cur_score = score_rows[a:b].view(nb, m, -1)
+    if overlap:
+        if first == 0:  # block 0 has no predecessor: its candidates get score -inf
+            head_kv = torch.zeros_like(cur_kv[:1])
+            head_score = torch.full_like(cur_score[:1], float("-inf"))
+        else:
+            head_kv = kv_rows[a - m:a].view(1, m, -1)
+            head_score = score_rows[a - m:a].view(1, m, -1)
+        pooled = compress_entries(cur_kv, cur_score, torch.cat([head_kv, cur_kv[:-1]]),
+                                  torch.cat([head_score, cur_score[:-1]]))
+    else:
+        pooled = compress_entries(cur_kv, cur_score)
+    entries = rms_norm(pooled.to(num.act_dtype), norm_weight, eps, num.act_dtype)
+    entries = rope_tail(entries, torch.arange(first, end, device=kv_rows.device) * m, freqs)
+    if rotate:
+        entries = hadamard(entries)
+        if num.kv_sim:
+            entries = fp4_sim(entries, 32)
+    elif num.kv_sim:
+        entries = kv_fp8_sim(entries, 2 * freqs.numel())
+    return entries
+
+
+def _compressor_kernels(c: int, m: int, freqs: torch.Tensor, num: Numerics, x: torch.Tensor):
+    """`dsv4_agent.kernels` where the fused compressor kernel serves this call, else None. The kernel always
+    rounds to bf16 and quantizes, so it serves only the released numerics (act_dtype bf16, kv_sim); it tiles
+    power-of-two widths and ratios, and its FP8 blocks of 64 need whole blocks of rope dims."""
+    rope = 2 * freqs.numel()
+    if not (num.act_dtype == torch.bfloat16 and num.kv_sim and _dot_tileable(c) and c >= 64 and m & (m - 1) == 0
+            and rope % 64 == 0 and rope < c):
+        return None
+    return _triton(x)
+
+
+def _compress_blocks_triton(kernels, kv_rows: torch.Tensor, score_rows: torch.Tensor, lo: int, start: int, m: int,
+                            norm_weight: torch.Tensor, eps: float, freqs: torch.Tensor,
+                            rotate: bool) -> torch.Tensor:
+    """:func:`compress_blocks` through `kernels.compress_tokens` (one sequence in state slot 0, one entry per
+    page: entry i of the sequence on page i - start // m, i.e. row i - start // m of the output)."""
+    kc, dev = kv_rows.shape[1], kv_rows.device
+    c = kc // (2 if m == 4 else 1)
+    first, end, n = start // m, (lo + kv_rows.shape[0]) // m, lo + kv_rows.shape[0] - start
+    ring_kv = kv_rows.new_zeros(1, kc // c * m, kc)  # the partial state: position t in row t % (k*m)
+    ring_score = torch.zeros_like(ring_kv)
+    old = torch.arange(lo, start, device=dev) % ring_kv.shape[1]
+    ring_kv[0, old], ring_score[0, old] = kv_rows[:start - lo].float(), score_rows[:start - lo].float()
+    out = torch.empty(end - first, 1, c, dtype=torch.bfloat16, device=dev)
+    page_table = (torch.arange(end, device=dev) - first).clamp_min(0).int()[None]
+    i32 = dict(dtype=torch.int32, device=dev)
+    ape = torch.zeros(m, kc, device=dev)  # the rows' scores already include ape; adding 0 is exact
+    kernels.compress_tokens(kv_rows[start - lo:].float().contiguous(), score_rows[start - lo:].float().contiguous(),
+                            ape, norm_weight, freqs, torch.tensor([0, n], **i32), torch.tensor([start], **i32),
+                            ring_kv, ring_score, torch.zeros(1, **i32), out, page_table, m, indexer=rotate, eps=eps,
+                            max_seqlen=n)
+    return out[:, 0]
+
+
 def indexer_scores(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, act_dtype: torch.dtype) -> torch.Tensor:
     """score[t, i] = sum_h weights[t, h] * relu(q[t, h] . keys[i]).
 

@@ -3,16 +3,11 @@ on a GPU (the `gpu`-marked tests add full V4-Flash shapes there)."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    # must be set before the kernel modules define their @triton.jit functions
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 from kernel_helpers import DEVICE
+
+# TRITON_INTERPRET is set by tests/conftest.py, before anything imports triton.
 
 
 @pytest.fixture
