@@ -6,7 +6,14 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 from ground_truth import SHARED
+
+if not torch.cuda.is_available():
+    # The Triton kernels run in Triton's CPU interpreter here. Triton reads this switch when a @triton.jit
+    # function is defined, its own tl.* helpers included, so it must be set before anything (SGLang,
+    # FlashInfer, our kernels) imports triton.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")
