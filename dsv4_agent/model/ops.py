@@ -3,10 +3,15 @@
 Every function here is a pure function of its tensor arguments with the shapes given in its docstring;
 the modules in ``model.py`` only hold weights and call these. The hot ops a kernel may replace are
 
-* :func:`compress_entries`       - compressor entry formation (softmax-gated pooling of a block),
+* :func:`compress_blocks`        - compressor entry formation (pooling, norm, RoPE, FP8 / Hadamard + FP4),
 * :func:`indexer_scores` / :func:`indexer_topk` - lightning-indexer scoring and top-k selection,
 * :func:`sparse_attention`       - attention over gathered keys (window + selected entries) with sink,
-* :func:`hc_pre` / :func:`hc_post` / :func:`hc_split_sinkhorn` - the mHC residual mixing.
+* :func:`hc_pre` / :func:`hc_post` - the mHC residual mixing.
+
+Each of these runs the Triton kernel of `dsv4_agent.kernels` where its one switch (env ``DSV4_KERNELS`` =
+auto | triton | torch; auto = CUDA tensors) picks it and the kernel reproduces the numerics asked for (bf16
+activations; the compressor also the KV simulations), else its PyTorch body here. The fp32 modes therefore
+always run PyTorch, except the top-k selection (same set up to exact ties).
 
 Numerics follow spec sections 2-5. Where the reference rounds to bf16, these functions round to
 ``act_dtype`` (``torch.bfloat16`` in the released precision, ``torch.float32`` in the fp32 modes, where the
