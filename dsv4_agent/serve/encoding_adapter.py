@@ -6,15 +6,29 @@ special-token matching off, so a user or a tool result that contains `<｜Assist
 ordinary text tokens, never the control token. For prompts without marker strings in the data the ids equal
 those of tokenizing the whole prompt string (control tokens always split tokenization).
 
+Echoed completions (issue 6): re-tokenizing a completion the model wrote can give other ids than it generated
+(a model may emit a non-canonical split), and the radix cache then stops matching a few tokens into the
+previous reply. `CompletionStore` keeps, for every finished completion, its exact output ids keyed by their
+text; when a later prompt holds an assistant turn that the encoder renders to exactly that text (the round
+trip decode -> parse -> re-render closed), at a place where the prompt's control tokens are the ones the
+model wrote, the stored ids replace the re-tokenized ones. Anything else is tokenized as usual.
+
 Output parsing is left to the text parsers (`output` is None): our reasoning and tool-call detectors.
 """
 
 from __future__ import annotations
 
+import bisect
+import hashlib
 import re
+import threading
+from array import array
+from collections import OrderedDict
+from collections.abc import Sequence
 from typing import Any
 
-from dsv4_agent.encoding import encode_segments, normalize_messages, resolve_reasoning
+from dsv4_agent.encoding import encode_segments, normalize_messages, render_assistant, resolve_reasoning
+from dsv4_agent.encoding.tokens import EOS
 
 # Fields SGLang's message model adds that are not part of the V4 input model.
 _SGLANG_ONLY_FIELDS = ("phase", "prefix")
@@ -53,8 +67,94 @@ class SegmentTokenizer:
     def encode(self, pieces: list[tuple[str, bool]]) -> list[int]:
         ids: list[int] = []
         for text, trusted in pieces:
-            ids += self._trusted.encode(text, add_special_tokens=False).ids if trusted else self._plain(text)
+            ids += self.piece_ids(text, trusted)
         return ids
+
+    def piece_ids(self, text: str, trusted: bool) -> list[int]:
+        return self._trusted.encode(text, add_special_tokens=False).ids if trusted else self._plain(text)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """The exact text of `ids`, control tokens included."""
+        return self._trusted.decode(list(ids), skip_special_tokens=False)
+
+    def token_id(self, token: str) -> int:
+        return self._trusted.token_to_id(token)
+
+    def control_ids(self, ids: Sequence[int]) -> list[int]:
+        return [i for i in ids if i in self._added_ids]
+
+
+class PromptText:
+    """The prompt pieces with their character offsets, for tokenizing a part of the prompt as the whole
+    prompt's tokenization would (`span_ids`) and for finding where a part may be cut out (`can_cut`)."""
+
+    def __init__(self, pieces: list[tuple[str, bool]], tokenizer: SegmentTokenizer):
+        self.pieces, self.tokenizer = pieces, tokenizer
+        self.starts = [0]
+        for text, _ in pieces:
+            self.starts.append(self.starts[-1] + len(text))
+        self.text = "".join(text for text, _ in pieces)
+
+    def can_cut(self, pos: int) -> bool:
+        """Whether the ids of text[:pos] + text[pos:] equal those of the prompt: at a piece boundary, or
+        between two control tokens of a trusted piece (untrusted text may tokenize across any cut)."""
+        k = bisect.bisect_right(self.starts, pos) - 1
+        if k >= len(self.pieces) or self.starts[k] == pos:
+            return True
+        text, trusted = self.pieces[k]
+        if not trusted:
+            return False
+        cut = pos - self.starts[k]
+        tok = self.tokenizer
+        return tok.piece_ids(text[:cut], True) + tok.piece_ids(text[cut:], True) == tok.piece_ids(text, True)
+
+    def span_ids(self, start: int, end: int) -> list[int]:
+        """Ids of text[start:end], both ends at places where `can_cut` holds."""
+        ids: list[int] = []
+        k = max(bisect.bisect_right(self.starts, start) - 1, 0)
+        while k < len(self.pieces) and self.starts[k] < end:
+            text, trusted = self.pieces[k]
+            lo, hi = max(start - self.starts[k], 0), min(end - self.starts[k], len(text))
+            ids += self.tokenizer.piece_ids(text[lo:hi], trusted)
+            k += 1
+        return ids
+
+
+COMPLETION_STORE_TOKENS = 1 << 23  # output ids remembered in all (LRU, 4 bytes each: 32 MiB)
+
+
+class CompletionStore:
+    """Bounded LRU map sha256(completion text) -> the token ids the model generated for that text."""
+
+    def __init__(self, capacity_tokens: int = COMPLETION_STORE_TOKENS):
+        self.capacity_tokens = capacity_tokens
+        self._items: OrderedDict[bytes, array] = OrderedDict()
+        self._tokens = 0
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _key(text: str) -> bytes:
+        return hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
+
+    def put(self, text: str, ids: Sequence[int]) -> None:
+        if len(ids) > self.capacity_tokens:
+            return
+        key, value = self._key(text), array("i", ids)
+        with self._lock:
+            old = self._items.pop(key, None)
+            self._tokens += len(value) - (len(old) if old is not None else 0)
+            self._items[key] = value
+            while self._tokens > self.capacity_tokens:
+                self._tokens -= len(self._items.popitem(last=False)[1])
+
+    def get(self, text: str) -> list[int] | None:
+        key = self._key(text)
+        with self._lock:
+            value = self._items.get(key)
+            if value is None:
+                return None
+            self._items.move_to_end(key)
+        return value.tolist()
 
 
 def _clean(message: dict[str, Any]) -> dict[str, Any]:
@@ -87,27 +187,76 @@ class DSV4EncodingAdapter:
 
     def __init__(self, tokenizer: Any):
         self.tokenizer = SegmentTokenizer(tokenizer)
+        self.completions = CompletionStore()
+        self._eos_id = self.tokenizer.token_id(EOS)
 
     @property
     def output(self) -> None:
         return None
 
-    def segments(self, messages: list[dict[str, Any]], request: Any) -> list[tuple[str, bool]]:
-        """The prompt pieces. Every request-level tool is rendered (also under a named tool_choice, which
-        the grammar enforces), so the prompt prefix stays the same across the turns of a tool loop."""
-        mode, effort = prompt_mode(request)
+    @staticmethod
+    def _normalized(messages: list[dict[str, Any]], request: Any) -> list[dict[str, Any]]:
         tools = request.tools
         response_format = None
         if request.response_format is not None and request.response_format.type == "json_schema":
             response_format = request.response_format.model_dump(exclude_none=True, by_alias=True)
-        normalized = normalize_messages([_clean(m) for m in messages],
-                                        tools=[_tool_dict(t) for t in tools] if tools else None,
-                                        response_format=response_format)
-        return encode_segments(normalized, mode, effort)
+        return normalize_messages([_clean(m) for m in messages],
+                                  tools=[_tool_dict(t) for t in tools] if tools else None,
+                                  response_format=response_format)
+
+    def segments(self, messages: list[dict[str, Any]], request: Any) -> list[tuple[str, bool]]:
+        """The prompt pieces. Every request-level tool is rendered (also under a named tool_choice, which
+        the grammar enforces), so the prompt prefix stays the same across the turns of a tool loop."""
+        return encode_segments(self._normalized(messages, request), *prompt_mode(request))
 
     def encode_messages(self, *, messages: list[dict[str, Any]], request: Any, tools: list[dict] | None,
                         thinking: bool, image_data: list) -> list[int]:
-        return self.tokenizer.encode(self.segments(messages, request))
+        mode, effort = prompt_mode(request)
+        normalized = self._normalized(messages, request)
+        prompt = PromptText(encode_segments(normalized, mode, effort), self.tokenizer)
+        ids: list[int] = []
+        pos = 0
+        for start, end, generated in self._echoed_completions(prompt, normalized, mode):
+            ids += prompt.span_ids(pos, start) + generated
+            pos = end
+        return ids + prompt.span_ids(pos, len(prompt.text))
+
+    def remember_completion(self, output_ids: Sequence[int]) -> None:
+        """Store a finished completion's ids. One cut short (length, stop string) gets the EOS the encoder
+        writes after every complete assistant turn; the model never saw it, so the cache resumes before it."""
+        ids = list(output_ids)
+        if not ids:
+            return
+        if ids[-1] != self._eos_id:
+            ids.append(self._eos_id)
+        self.completions.put(self.tokenizer.decode(ids), ids)
+
+    def _echoed_completions(self, prompt: PromptText, messages: list[dict[str, Any]],
+                            mode: str) -> list[tuple[int, int, list[int]]]:
+        """(start, end, generated ids) of every assistant turn whose rendering is a stored completion, found
+        in order in the prompt text where it can be cut out and its control tokens are the model's."""
+        found: list[tuple[int, int, list[int]]] = []
+        cursor = 0
+        for msg in messages:
+            if msg.get("role") != "assistant":
+                continue
+            try:
+                rendered = render_assistant(msg, mode)
+            except ValueError:
+                continue
+            generated = self.completions.get(rendered) if rendered else None
+            if generated is None:
+                continue
+            start = prompt.text.find(rendered, cursor)
+            while start >= 0:
+                end = start + len(rendered)
+                if (prompt.can_cut(start) and prompt.can_cut(end) and self.tokenizer.control_ids(
+                        prompt.span_ids(start, end)) == self.tokenizer.control_ids(generated)):
+                    found.append((start, end, generated))
+                    cursor = end
+                    break
+                start = prompt.text.find(rendered, start + 1)
+        return found
 
 
 def build_adapter(ctx: Any) -> DSV4EncodingAdapter | None:

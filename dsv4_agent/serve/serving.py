@@ -13,6 +13,9 @@ off-loop, the scheduler, grammar-constrained tool_choice, streaming) is SGLang's
   store keyed by tool_call_id, and restored when a client sends the turn back without it;
 * `tool_choice="none"`: the tools are not rendered, and any tool markup the model writes anyway is
   swallowed by the parser (never shown in content);
+* echoed completions: the output ids of every finished choice (stream or not) go to the encoding adapter's
+  `CompletionStore`, so a client sending the reply back as text gets the exact generated ids in its prompt
+  and the radix cache resumes after the whole previous turn (see `encoding_adapter`);
 * validation with HTTP 400 naming the field, before anything is encoded;
 * streams always end with `data: [DONE]`, also after an internal error.
 """
@@ -38,6 +41,7 @@ from sglang.srt.entrypoints.openai.serving_chat import OpenAIServingChat
 
 from dsv4_agent.encoding import resolve_reasoning
 from dsv4_agent.serve import ENCODING_SPEC
+from dsv4_agent.serve.encoding_adapter import DSV4EncodingAdapter
 from dsv4_agent.serve.guard import handler_entered
 
 logger = logging.getLogger(__name__)
@@ -98,8 +102,42 @@ def _tool_call_ids(message: Any) -> list[str]:
     return [c.id for c in (message.tool_calls or []) if c.id]
 
 
+class CompletionRecorder:
+    """The tokenizer manager as our handler sees it: passes everything through and hands the output ids
+    of every choice that finished (stop or length) to `record`."""
+
+    def __init__(self, manager: Any, record: Any):
+        self._manager, self._record = manager, record
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._manager, name)
+
+    async def generate_request(self, obj: Any, request: Any = None) -> AsyncIterator[Any]:
+        # Streams with incremental output send each chunk's new ids; otherwise every chunk has them all.
+        incremental = bool(getattr(obj, "stream", False)) and self._manager.incremental_streaming_output
+        ids: dict[int, list[int]] = {}
+        async for out in self._manager.generate_request(obj, request):
+            for position, item in enumerate(out if isinstance(out, list) else [out]):
+                index = item.get("index", position)
+                chunk = item.get("output_ids")
+                if chunk is not None and incremental:
+                    ids.setdefault(index, []).extend(chunk)
+                elif chunk is not None:
+                    ids[index] = chunk  # may be the live list: copied only when the choice finishes
+                finish = (item.get("meta_info") or {}).get("finish_reason")
+                if finish and finish.get("type") in ("stop", "length") and ids.get(index):
+                    self._record(list(ids.pop(index)))
+            yield out
+
+
 class DSV4ServingChat(OpenAIServingChat):
     reasoning_store = ReasoningStore()  # one per server process, shared by every handler instance
+
+    def __init__(self, tokenizer_manager: Any, template_manager: Any):
+        super().__init__(tokenizer_manager, template_manager)
+        if isinstance(self.encoding_adapter, DSV4EncodingAdapter):
+            self.tokenizer_manager = CompletionRecorder(tokenizer_manager,
+                                                        self.encoding_adapter.remember_completion)
 
     # ---- SGLang override points -------------------------------------------------------------------------
     def _resolve_chat_encoding_spec(self) -> str | None:

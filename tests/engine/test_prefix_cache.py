@@ -15,9 +15,12 @@ import random
 import httpx
 import pytest
 import torch
+from dsv4_agent.encoding import encode_segments, normalize_messages
+from transformers import PreTrainedTokenizerFast
 
 from dsv4_agent.model import PagePool, Step, load_model
-from dsv4_agent.serve.embedded import ensure_tiny_model
+from dsv4_agent.serve.embedded import ensure_tiny_model, ensure_tokenizer
+from dsv4_agent.serve.encoding_adapter import SegmentTokenizer
 from dsv4_agent.serve.testing import ServerProcess
 
 pytestmark = pytest.mark.server
@@ -138,3 +141,47 @@ def test_chat_usage_reports_cached_tokens(servers):
     # everything up to the end of the first prompt's last complete page is reused at least
     assert second["usage"]["prompt_tokens_details"]["cached_tokens"] >= first["usage"]["prompt_tokens"] // 128 * 128 > 0
     assert second["choices"][0]["logprobs"]["content"]
+
+
+def test_chat_echoed_reply_resumes_after_it(servers):
+    """A client sending the previous reply back as text gets the ids the model generated for it (not the
+    text's own tokenization), so the next turn resumes exactly after the previous prompt + reply; the
+    outputs equal those of the server without a radix cache."""
+    hf = PreTrainedTokenizerFast(tokenizer_file=str(ensure_tokenizer() / "tokenizer.json"))
+    tok = SegmentTokenizer(hf)
+    on, off = servers
+    model = httpx.get(on.base_url + "/v1/models", timeout=30).json()["data"][0]["id"]
+
+    def chat(server, messages):
+        r = httpx.post(server.base_url + "/v1/chat/completions", timeout=300, json={
+            "model": model, "messages": messages, "max_tokens": 24, "temperature": 0,
+            "thinking": {"type": "disabled"}, "return_token_ids": True})
+        r.raise_for_status()
+        return r.json()["choices"][0], r.json()["usage"]
+
+    # The random tiny model may write control tokens (which the parser drops or the encoder would not
+    # write as control tokens: such replies are tokenized as text); take a system prompt whose reply has none.
+    for system in ("You answer in one line. " * 9, "Be brief. " * 20, "Answer as a poet. " * 12):
+        history = [{"role": "system", "content": system},
+                   {"role": "user", "content": "Name three prefix-sharing data structures."}]
+        first, _ = chat(on, history)
+        if not tok.control_ids(first["response_token_ids"]):
+            break
+    else:
+        pytest.fail("no reply without control tokens")
+    prompt1, reply1 = first["prompt_token_ids"], first["response_token_ids"]
+    messages = history + [{"role": "assistant", "content": first["message"]["content"]},
+                          {"role": "user", "content": "Which one evicts best?"}]
+    plain = tok.encode(encode_segments(normalize_messages(messages), "chat"))
+    assert plain[:len(prompt1) + len(reply1)] != prompt1 + reply1  # re-tokenizing the reply differs
+
+    second, usage = chat(on, messages)
+    assert second["prompt_token_ids"][:len(prompt1) + len(reply1)] == prompt1 + reply1
+    assert tok.decode(second["prompt_token_ids"]) == tok.decode(plain)
+    # cut at max_tokens: the last reply token was never fed to the model; the EOS after it is new
+    assert usage["prompt_tokens_details"]["cached_tokens"] == len(prompt1) + len(reply1) - 1
+
+    assert chat(off, history)[0]["response_token_ids"] == reply1
+    second_off, _ = chat(off, messages)
+    assert second_off["prompt_token_ids"] == second["prompt_token_ids"]
+    assert second_off["response_token_ids"] == second["response_token_ids"]
