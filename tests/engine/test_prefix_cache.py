@@ -10,6 +10,7 @@ them in ``cached_tokens``. A plain-PyTorch greedy run of the same model checks o
 from __future__ import annotations
 
 import concurrent.futures as cf
+import json
 import random
 
 import httpx
@@ -143,34 +144,44 @@ def test_chat_usage_reports_cached_tokens(servers):
     assert second["choices"][0]["logprobs"]["content"]
 
 
-def test_chat_echoed_reply_resumes_after_it(servers):
+@pytest.mark.parametrize("stream", [False, True])
+def test_chat_echoed_reply_resumes_after_it(servers, stream):
     """A client sending the previous reply back as text gets the ids the model generated for it (not the
     text's own tokenization), so the next turn resumes exactly after the previous prompt + reply; the
-    outputs equal those of the server without a radix cache."""
+    outputs equal those of the server without a radix cache. The first turn is streamed or not."""
     hf = PreTrainedTokenizerFast(tokenizer_file=str(ensure_tokenizer() / "tokenizer.json"))
     tok = SegmentTokenizer(hf)
     on, off = servers
     model = httpx.get(on.base_url + "/v1/models", timeout=30).json()["data"][0]["id"]
+    body = {"model": model, "max_tokens": 24, "temperature": 0, "thinking": {"type": "disabled"}}
 
     def chat(server, messages):
-        r = httpx.post(server.base_url + "/v1/chat/completions", timeout=300, json={
-            "model": model, "messages": messages, "max_tokens": 24, "temperature": 0,
-            "thinking": {"type": "disabled"}, "return_token_ids": True})
+        r = httpx.post(server.base_url + "/v1/chat/completions", timeout=300,
+                       json={**body, "messages": messages, "return_token_ids": True})
         r.raise_for_status()
         return r.json()["choices"][0], r.json()["usage"]
 
+    def streamed_content(server, messages):
+        with httpx.stream("POST", server.base_url + "/v1/chat/completions", timeout=300,
+                          json={**body, "messages": messages, "stream": True}) as r:
+            events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+        return "".join(c["delta"].get("content") or "" for e in events for c in e["choices"])
+
     # The random tiny model may write control tokens (which the parser drops or the encoder would not
     # write as control tokens: such replies are tokenized as text); take a system prompt whose reply has none.
+    # The first turn runs on `off` first, so `on` stores only what its own first turn (stream or not) gives.
+    question = "Name three prefix-sharing data structures." + " Stream it." * stream
     for system in ("You answer in one line. " * 9, "Be brief. " * 20, "Answer as a poet. " * 12):
-        history = [{"role": "system", "content": system},
-                   {"role": "user", "content": "Name three prefix-sharing data structures."}]
-        first, _ = chat(on, history)
+        history = [{"role": "system", "content": system}, {"role": "user", "content": question}]
+        first, _ = chat(off, history)
         if not tok.control_ids(first["response_token_ids"]):
             break
     else:
         pytest.fail("no reply without control tokens")
     prompt1, reply1 = first["prompt_token_ids"], first["response_token_ids"]
-    messages = history + [{"role": "assistant", "content": first["message"]["content"]},
+    content = streamed_content(on, history) if stream else chat(on, history)[0]["message"]["content"]
+    assert content == first["message"]["content"]
+    messages = history + [{"role": "assistant", "content": content},
                           {"role": "user", "content": "Which one evicts best?"}]
     plain = tok.encode(encode_segments(normalize_messages(messages), "chat"))
     assert plain[:len(prompt1) + len(reply1)] != prompt1 + reply1  # re-tokenizing the reply differs
@@ -181,7 +192,6 @@ def test_chat_echoed_reply_resumes_after_it(servers):
     # cut at max_tokens: the last reply token was never fed to the model; the EOS after it is new
     assert usage["prompt_tokens_details"]["cached_tokens"] == len(prompt1) + len(reply1) - 1
 
-    assert chat(off, history)[0]["response_token_ids"] == reply1
     second_off, _ = chat(off, messages)
     assert second_off["prompt_token_ids"] == second["prompt_token_ids"]
     assert second_off["response_token_ids"] == second["response_token_ids"]
