@@ -47,7 +47,6 @@ from dsv4_agent.kernels.numerics import hadamard_rotate as hadamard  # noqa: F40
 
 # e2m1 code values in code-index order; code bit 3 is the sign (the packed FP4 weight format).
 FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
-_pow2_ceil = pow2_ceil  # the former private name; dsv4_agent/serve/v4pool.py still uses it
 
 
 @dataclass(frozen=True)

@@ -101,9 +101,8 @@ class PackedIndexKeys:
         return (codes.unflatten(-1, (self.n_scales, 32)) * scales[..., None]).flatten(-2)
 
     def __setitem__(self, page: int, keys: torch.Tensor) -> None:
-        blocks = keys.float().unflatten(-1, (self.n_scales, 32))
-        s = ops._pow2_ceil(blocks.abs().amax(-1).clamp_min(ops.FP4_MAX * 2.0**-126) / ops.FP4_MAX)
-        codes = (blocks / s[..., None]).flatten(-2)
+        s = ops.fp4_scales(keys, 32)
+        codes = (keys.float().unflatten(-1, (self.n_scales, 32)) / s[..., None]).flatten(-2)
         rec = torch.empty(keys.shape[0], self.record, dtype=torch.uint8, device=self.data.device)
         rec[:, :self.dim // 2] = ops.pack_fp4(codes).view(torch.uint8)
         rec[:, self.dim // 2:] = s.to(torch.float8_e8m0fnu).view(torch.uint8)
