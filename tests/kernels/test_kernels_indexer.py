@@ -67,6 +67,28 @@ def test_topk_ties(kind, n, device, force_triton):
     assert_same_selection(out, scores, n_avail, 64)
 
 
+@pytest.mark.parametrize("kind", ["sorted", "reversed", "random", "ties_across_chunks"])
+def test_topk_small_tiles(kind, device):
+    """Many programs per row and candidate lists longer than one tile (streamed), at small sizes: the
+    candidates of the last digits come from several programs through the shared list."""
+    from dsv4_agent.kernels.triton_indexer import topk_indices_triton
+
+    n = 3001
+    if kind == "sorted":
+        scores = torch.linspace(-3, 3, n, device=device).repeat(3, 1)
+    elif kind == "reversed":
+        scores = torch.linspace(3, -3, n, device=device).repeat(3, 1)
+    elif kind == "random":
+        scores = torch.randn(3, n, device=device)
+    else:  # the k-th score repeated in every chunk, more copies than needed
+        scores = torch.randn(3, n, device=device)
+        scores[:, ::37] = 2.0
+    n_avail = torch.tensor([n, 2999, 130], dtype=torch.int32, device=device)
+    with poisoned_outputs():
+        out = topk_indices_triton(scores, n_avail, 100, chunk=256, block=32, num_warps=4)
+    assert_same_selection(out, scores, n_avail, 100)
+
+
 def test_topk_empty_batch_and_zero_k(device, force_triton):
     assert topk_indices(torch.randn(0, 10, device=device), torch.zeros(0, dtype=torch.int32, device=device), 4).shape == (0, 4)
     assert topk_indices(torch.randn(2, 10, device=device), torch.full((2,), 10, dtype=torch.int32, device=device), 0).shape == (2, 0)
@@ -111,6 +133,23 @@ def test_scores_match_reference(n_avail, q_seq, fp8, device, force_triton):
         assert rel_err(out[avail], ref[avail]) < 1e-5
 
 
+@pytest.mark.parametrize("fp8_mode", [0, 1, 2])
+@pytest.mark.parametrize("tiles_per_program", [1, 3])
+def test_scores_kernel_variants(fp8_mode, tiles_per_program, device):
+    """The FP8 dequantisation variants (fp32 multiply / exponent add / scales after per-block dots) and
+    programs that loop over several entry tiles agree with the reference."""
+    from dsv4_agent.kernels.triton_indexer import indexer_scores_triton
+
+    case = _index_case([5, 300, 64, 1, 0], [2, 0, 1, 1, 0], heads=16, page_size=16, device=device)
+    ref = indexer_scores_ref(**case)
+    case = {**case, "keys": pack_index_keys_fp8(case["keys"]), "page_size": 16}
+    with poisoned_outputs():
+        out = indexer_scores_triton(**case, fp8_mode=fp8_mode, tiles_per_program=tiles_per_program)
+    avail = torch.isfinite(ref)
+    assert torch.equal(torch.isfinite(out), avail) and bool((out[~avail] == float("-inf")).all())
+    assert rel_err(out[avail], ref[avail]) < 1e-5
+
+
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
 def test_scores_with_bf16_intermediates(fp8, device, force_triton):
     """The model's released-precision rounding (dots, weighted terms, head sum in bf16): the kernel equals the
@@ -153,3 +192,39 @@ def test_indexer_full_shapes_gpu(fp8):
     assert torch.equal(torch.isfinite(out), avail)
     assert rel_err(out[avail], ref[avail]) < 1e-5
     assert_same_selection(sel, out, case["n_avail"], 512)
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("fp8_mode,tiles_per_program", [(0, 1), (1, 4), (2, 4), (2, 1)])
+def test_indexer_variants_full_shapes_gpu(fp8_mode, tiles_per_program):
+    from dsv4_agent.kernels.triton_indexer import indexer_scores_triton
+
+    n_avail = [65537, 513, 1, 0]
+    case = _index_case(n_avail, list(range(4)), heads=64, page_size=64, device="cuda")
+    ref = indexer_scores_ref(**case)
+    case = {**case, "keys": pack_index_keys_fp8(case["keys"]), "page_size": 64}
+    with poisoned_outputs():
+        out = indexer_scores_triton(**case, fp8_mode=fp8_mode, tiles_per_program=tiles_per_program)
+    avail = torch.isfinite(ref)
+    assert torch.equal(torch.isfinite(out), avail)
+    assert rel_err(out[avail], ref[avail]) < 1e-5
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("kind", ["randn", "ties", "sorted"])
+def test_topk_256k_gpu(kind):
+    """top-512 of 256K scores, batch 1 and a mixed batch (fewer than k, lengths not multiple of 4 / 128)."""
+    n = 1 << 18
+    for rows in ([n], [n, 511, 100003, 0, 262139]):
+        scores = torch.randn(len(rows), n, device="cuda")
+        if kind == "ties":
+            scores = scores.round(decimals=1)
+        elif kind == "sorted":
+            scores = scores.sort(-1).values
+        n_avail = torch.tensor(rows, dtype=torch.int32, device="cuda")
+        for _ in range(3):  # the last-arriving program differs run to run
+            with poisoned_outputs():
+                out = topk_indices(scores, n_avail, 512)
+            assert_same_selection(out, scores, n_avail, 512)
