@@ -98,16 +98,31 @@ def test_decode_matches_reference(name, fp8, device, force_triton):
     assert rel_err(out, ref) < TOL
 
 
-@pytest.mark.parametrize("num_splits", [1, 2, 8])
-def test_decode_split_counts_agree(num_splits, device):
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+@pytest.mark.parametrize("config", [dict(num_splits=1), dict(num_splits=2), dict(num_splits=8),
+                                    dict(num_splits=1, v_splits=2), dict(num_splits=3, v_splits=2, block_n=16)],
+                         ids=["s1", "s2", "s8", "s1v2", "s3v2n16"])
+def test_decode_split_counts_agree(config, fp8, device):
+    """Key splits (partials merged by the combine kernel) and value halves give the same result."""
     case = _decode_case([5, 300, 77], heads=20, k=32, page_size=8, device=device)  # heads not a block multiple
     ref = _decode_ref(case)
+    if fp8:
+        case = _as_fp8(case)
     start, end = decode_window_ranges(case["win_slot"], case["positions"])
     q_seq = torch.arange(3, dtype=torch.int32, device=device)
     with poisoned_outputs():
         out = sparse_attn_triton(case["q"], case["sink"], case["win_ring"].flatten(0, 1), start, end, case["cmp_kv"],
-                                 case["page_table"], case["cmp_idx"], q_seq, num_splits=num_splits)
+                                 case["page_table"], case["cmp_idx"], q_seq, **config)
     assert rel_err(out, ref) < TOL
+
+
+def test_decode_rejects_unknown_config(device):
+    case = _decode_case([5], heads=4, k=4, page_size=4, device=device)
+    start, end = decode_window_ranges(case["win_slot"], case["positions"])
+    with pytest.raises(ValueError, match="block_m"):
+        sparse_attn_triton(case["q"], case["sink"], case["win_ring"].flatten(0, 1), start, end, case["cmp_kv"],
+                           case["page_table"], case["cmp_idx"], torch.zeros(1, dtype=torch.int32, device=device),
+                           block_m=16)
 
 
 def test_window_only_layer_and_empty_batch(device, force_triton):
@@ -189,20 +204,30 @@ def test_bad_inputs_name_the_field(device):
         sparse_attn_decode(**{**case, "win_ring": case["win_ring"][:, :64]})
 
 
+GPU_CONFIGS = {"default": {}, "v2": dict(v_splits=2), "n64s2": dict(block_n=64, num_stages=2),
+               "split5": dict(num_splits=5)}
+
+
 @pytest.mark.gpu
 @requires_gpu
+@pytest.mark.parametrize("config", list(GPU_CONFIGS))
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
-@pytest.mark.parametrize("batch", [1, 64])
-def test_decode_full_shapes_gpu(batch, fp8):
+@pytest.mark.parametrize("batch", [1, 3, 64])
+def test_decode_full_shapes_gpu(batch, fp8, config):
     """V4-Flash: 64 heads x 512, window 128 + top-512 of up to 64K-token contexts, page size 64."""
     positions = torch.randint(1, 65536, (batch,)).tolist()
     positions[0] = 700  # fewer than 512 entries
-    case = _decode_case(positions, heads=64, k=512, page_size=64, device="cuda")
+    if batch > 1:
+        positions[1] = 77  # window not full, fewer than 32 entries
+    case = _decode_case(positions, heads=64, k=512, page_size=64, device="cuda", shuffle_pad=True)
     ref = _decode_ref(case)
     if fp8:
         case = _as_fp8(case)
+    start, end = decode_window_ranges(case["win_slot"], case["positions"])
+    q_seq = torch.arange(batch, dtype=torch.int32, device="cuda")
     with poisoned_outputs():
-        out = sparse_attn_decode(**case)
+        out = sparse_attn_triton(case["q"], case["sink"], case["win_ring"].flatten(0, 1), start, end, case["cmp_kv"],
+                                 case["page_table"], case["cmp_idx"], q_seq, **GPU_CONFIGS[config])
     assert rel_err(out, ref) < TOL
 
 
