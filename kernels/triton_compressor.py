@@ -225,8 +225,8 @@ def compress_tokens_triton(kv, score, ape, norm_weight, inv_freq, cu_seqlens, st
         num_warps = 8 if rows * c >= 8192 else 4
     pack = out.dtype == torch.uint8
     max_entries = triton.cdiv(max_seqlen, ratio)
-    if split is None:  # too few entries to fill the GPU: pool each entry's channels in several programs
-        split = 4 if kv.is_cuda and n_seq * max_entries < 4 * num_sms(kv.device) and c >= 256 else 1
+    if split is None:  # few long (HCA) entries do not fill the GPU: pool each entry's channels in several programs
+        split = 4 if kv.is_cuda and kappa * ratio >= 64 and n_seq * max_entries < 4 * num_sms(kv.device) else 1
     pooled = counts = kv  # unused placeholders unless split
     if split > 1:
         pooled = torch.empty(n_seq * max_entries, c, device=kv.device, dtype=torch.float32)

@@ -75,16 +75,19 @@ def _index_scores_kernel(
                         scale = (sc.to(tl.int32) << 23).to(tl.float32, bitcast=True)
                         s += dot(kb, tl.trans(qb), INTERP) * scale[:, None]
                 else:
-                    codes = tl.load(page_ptr[:, None] + slot[:, None] * DI + offs_d[None, :],
-                                    mask=valid[:, None], other=0)
-                    sc = tl.load(sc_ptr[:, None] + offs_d[None, :] // SB, mask=valid[:, None], other=127)
+                    blk = tl.arange(0, NB)[None, :, None]
+                    el = tl.arange(0, SB)[None, None, :]
+                    codes = tl.load(page_ptr[:, None, None] + slot[:, None, None] * DI + blk * SB + el,
+                                    mask=valid[:, None, None], other=0)  # [BLOCK_N, NB, SB]
+                    sc = tl.load(sc_ptr[:, None] + tl.arange(0, NB)[None, :], mask=valid[:, None], other=127)
                     if FP8_MODE == 1:  # e4m3 -> bf16 is exact; the power-of-two scale is an exponent add
                         kbits = codes.to(tl.float8e4nv, bitcast=True).to(tl.bfloat16).to(tl.int16, bitcast=True)
-                        shift = tl.where((kbits & 0x7FFF) != 0, (sc.to(tl.int16) - 127) << 7, 0)
-                        k = (kbits + shift.to(tl.int16)).to(tl.bfloat16, bitcast=True)
+                        shift = ((sc.to(tl.int16) - 127) << 7)[:, :, None]
+                        k3 = tl.where((kbits & 0x7FFF) != 0, kbits + shift, kbits).to(tl.bfloat16, bitcast=True)
                     else:
                         scale = (sc.to(tl.int32) << 23).to(tl.float32, bitcast=True)
-                        k = (codes.to(tl.float8e4nv, bitcast=True).to(tl.float32) * scale).to(tl.bfloat16)
+                        k3 = (codes.to(tl.float8e4nv, bitcast=True).to(tl.float32) * scale[:, :, None]).to(tl.bfloat16)
+                    k = tl.reshape(k3, (BLOCK_N, DI))
                     s = dot(k, tl.trans(q_all), INTERP)  # [BLOCK_N, HI]
             else:
                 rows = page * page_size + slot
@@ -175,16 +178,19 @@ def _topk_digit2_kernel(scores_ptr, stride_s, n_avail_ptr, n_cols, k, work_ptr, 
 
 @triton.jit
 def _key_prefix16(w_row, kk, NBINS: tl.constexpr):
-    """Top 16 bits of the kk-th largest key, from the digit-1 and digit-2 histograms."""
-    thr1, above = _threshold(tl.load(w_row + tl.arange(0, NBINS)), kk, NBINS)
-    thr2, _ = _threshold(tl.load(w_row + NBINS + tl.arange(0, NBINS)), kk - above, NBINS)
-    return (thr1.to(tl.uint32) << 8) | thr2.to(tl.uint32)
+    """From the digit-1 and digit-2 histograms: the top 16 bits of the kk-th largest key, how many keys
+    have larger top 16 bits (all selected) and how many share them (the candidates)."""
+    thr1, above1 = _threshold(tl.load(w_row + tl.arange(0, NBINS)), kk, NBINS)
+    hist2 = tl.load(w_row + NBINS + tl.arange(0, NBINS))
+    thr2, above2 = _threshold(hist2, kk - above1, NBINS)
+    n_cand = tl.sum(tl.where(tl.arange(0, NBINS) == thr2, hist2, 0), 0)
+    return (thr1.to(tl.uint32) << 8) | thr2.to(tl.uint32), above1 + above2, n_cand
 
 
 @triton.jit
 def _topk_emit_kernel(scores_ptr, stride_s, n_avail_ptr, n_cols, k, work_ptr, stride_w,
                       out_ptr, stride_o, cand_idx_ptr, cand_key_ptr, stride_c,
-                      CHUNK: tl.constexpr, BLOCK: tl.constexpr, NBINS: tl.constexpr):
+                      CHUNK: tl.constexpr, BLOCK: tl.constexpr, RANK_BLOCK: tl.constexpr, NBINS: tl.constexpr):
     """Every program: the scores whose top 16 key bits exceed those of the k-th key go to the output,
     those equal to them to the candidate list. The program that finishes last (per row) then selects
     the rest from that short list and pads with -1."""
@@ -194,36 +200,49 @@ def _topk_emit_kernel(scores_ptr, stride_s, n_avail_ptr, n_cols, k, work_ptr, st
     n = tl.maximum(tl.minimum(tl.load(n_avail_ptr + row), n_cols), 0)
     kk = tl.minimum(k, n)
     w_row = work_ptr + row64 * stride_w
+    # one 64-bit counter (output slots taken << 32 | candidates listed), then the finished-program count
+    slots_cands = (w_row + 2 * NBINS).to(tl.pointer_type(tl.int64))
     out_row = out_ptr + row64 * stride_o
     cbase = row64 * stride_c
     valid = offs < n
     if n <= k:  # all available entries, in place
         tl.store(out_row + offs, offs, mask=valid)
     elif tl.program_id(1) * CHUNK < n:
-        prefix = _key_prefix16(w_row, kk, NBINS)
+        prefix, _, _ = _key_prefix16(w_row, kk, NBINS)
         key = _ordered_key(tl.load(scores_ptr + row64 * stride_s + offs, mask=valid, other=0.0))
         sel = valid & ((key >> 16) > prefix)
-        n_sel = tl.sum(sel.to(tl.int32), 0)
-        if n_sel > 0:
-            base = tl.atomic_add(w_row + 2 * NBINS, n_sel)
-            tl.store(out_row + base + tl.cumsum(sel.to(tl.int32), 0) - 1, offs, mask=sel)
         cand = valid & ((key >> 16) == prefix)
+        n_sel = tl.sum(sel.to(tl.int32), 0)
         n_cand = tl.sum(cand.to(tl.int32), 0)
-        if n_cand > 0:
-            cpos = cbase + tl.atomic_add(w_row + 2 * NBINS + 1, n_cand) + tl.cumsum(cand.to(tl.int32), 0) - 1
+        if n_sel + n_cand > 0:
+            base = tl.atomic_add(slots_cands, (n_sel.to(tl.int64) << 32) | n_cand.to(tl.int64))
+            tl.store(out_row + (base >> 32) + tl.cumsum(sel.to(tl.int32), 0) - 1, offs, mask=sel)
+            cpos = cbase + (base & 0xFFFFFFFF) + tl.cumsum(cand.to(tl.int32), 0) - 1
             tl.store(cand_idx_ptr + cpos, offs, mask=cand)
             tl.store(cand_key_ptr + cpos, key.to(tl.int32, bitcast=True), mask=cand)
     # release this program's stores; the last one to arrive acquires everybody's
     if tl.atomic_add(w_row + 2 * NBINS + 2, 1) == tl.num_programs(1) - 1:
         if n > k:
-            pos = tl.atomic_add(w_row + 2 * NBINS, 0)  # output slots taken so far
-            n2 = tl.atomic_add(w_row + 2 * NBINS + 1, 0)
-            prefix = _key_prefix16(w_row, kk, NBINS)
-            _topk_select_candidates(out_row, cand_idx_ptr, cand_key_ptr, cbase, n2, prefix, pos, kk - pos,
-                                    BLOCK, NBINS)
+            prefix, pos, n2 = _key_prefix16(w_row, kk, NBINS)
+            if n2 <= RANK_BLOCK:
+                _topk_rank_candidates(out_row, cand_idx_ptr, cand_key_ptr, cbase, n2, pos, kk - pos, RANK_BLOCK)
+            else:
+                _topk_select_candidates(out_row, cand_idx_ptr, cand_key_ptr, cbase, n2, prefix, pos, kk - pos,
+                                        BLOCK, NBINS)
         lane = tl.arange(0, BLOCK)
         for c0 in range(kk, k, BLOCK):
             tl.store(out_row + c0 + lane, tl.full([BLOCK], -1, tl.int32), mask=c0 + lane < k)
+
+
+@triton.jit
+def _topk_rank_candidates(out_row, cand_idx_ptr, cand_key_ptr, cbase, n2, pos, need, RB: tl.constexpr):
+    """The `need` best of n2 <= RB candidates by their rank among all of them (larger key first, exact
+    ties by smaller index, so the choice is deterministic), written to output slots pos + rank."""
+    ci, key, m = _load_cands(cand_idx_ptr, cand_key_ptr, cbase, 0, n2, RB)
+    ki, kj = key[:, None], key[None, :]
+    beats = m[None, :] & ((kj > ki) | ((kj == ki) & (ci[None, :] < ci[:, None])))  # [i, j]: j ranks before i
+    rank = tl.sum(beats.to(tl.int32), 1)
+    tl.store(out_row + pos + rank, ci, mask=m & (rank < need))
 
 
 @triton.jit
@@ -285,15 +304,18 @@ def _topk_select_candidates(out_row, cand_idx_ptr, cand_key_ptr, cbase, n2, pref
 
 
 def topk_indices_triton(scores: torch.Tensor, n_avail: torch.Tensor, k: int, *, chunk: int | None = None,
-                        block: int = 1024, num_warps: int = 8) -> torch.Tensor:
+                        block: int = 1024, rank_block: int = 128, num_warps: int = 8) -> torch.Tensor:
     t, n = scores.shape
     out = torch.empty(t, k, device=scores.device, dtype=torch.int32)
     if t == 0 or k == 0:
         return out
     if chunk is None:  # a few thousand scores per program; more programs for a few rows
         chunk = 2048 if t < 8 else 4096
-    # per row: digit-1 and digit-2 histograms, then counters: output slots, candidates, finished programs
-    work = torch.zeros(t, 2 * NBINS + 3, device=scores.device, dtype=torch.int32)
+    if n >= 1 << 31:
+        raise ValueError(f"scores: at most 2**31 - 1 columns, got {n}")
+    # per row: digit-1 and digit-2 histograms, then counters: output slots | candidates (one int64),
+    # finished programs, pad (rows stay 8-byte aligned)
+    work = torch.zeros(t, 2 * NBINS + 4, device=scores.device, dtype=torch.int32)
     cand_idx = torch.empty(t, max(n, 1), device=scores.device, dtype=torch.int32)
     cand_key = torch.empty_like(cand_idx)
     grid = (t, max(1, triton.cdiv(n, chunk)))
@@ -301,5 +323,6 @@ def topk_indices_triton(scores: torch.Tensor, n_avail: torch.Tensor, k: int, *, 
     _topk_hist_kernel[grid](*common, work, work.stride(0), CHUNK=chunk, NBINS=NBINS, num_warps=num_warps)
     _topk_digit2_kernel[grid](*common, k, work, work.stride(0), CHUNK=chunk, NBINS=NBINS, num_warps=num_warps)
     _topk_emit_kernel[grid](*common, k, work, work.stride(0), out, out.stride(0), cand_idx, cand_key,
-                            cand_idx.stride(0), CHUNK=chunk, BLOCK=block, NBINS=NBINS, num_warps=num_warps)
+                            cand_idx.stride(0), CHUNK=chunk, BLOCK=block, RANK_BLOCK=rank_block, NBINS=NBINS,
+                            num_warps=num_warps)
     return out

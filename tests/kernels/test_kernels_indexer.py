@@ -67,10 +67,11 @@ def test_topk_ties(kind, n, device, force_triton):
     assert_same_selection(out, scores, n_avail, 64)
 
 
+@pytest.mark.parametrize("rank_block", [16, 128])
 @pytest.mark.parametrize("kind", ["sorted", "reversed", "random", "ties_across_chunks"])
-def test_topk_small_tiles(kind, device):
-    """Many programs per row and candidate lists longer than one tile (streamed), at small sizes: the
-    candidates of the last digits come from several programs through the shared list."""
+def test_topk_small_tiles(kind, rank_block, device):
+    """Many programs per row, candidates from several programs through the shared list, resolved by rank
+    (short list) or by histograms (in one tile or streamed), at small sizes."""
     from dsv4_agent.kernels.triton_indexer import topk_indices_triton
 
     n = 3001
@@ -85,7 +86,7 @@ def test_topk_small_tiles(kind, device):
         scores[:, ::37] = 2.0
     n_avail = torch.tensor([n, 2999, 130], dtype=torch.int32, device=device)
     with poisoned_outputs():
-        out = topk_indices_triton(scores, n_avail, 100, chunk=256, block=32, num_warps=4)
+        out = topk_indices_triton(scores, n_avail, 100, chunk=256, block=32, rank_block=rank_block, num_warps=4)
     assert_same_selection(out, scores, n_avail, 100)
 
 
