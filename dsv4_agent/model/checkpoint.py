@@ -2,8 +2,8 @@
 
 * :func:`expected_tensors` - every key of a checkpoint for a config, with its released shape and dtype.
 * :func:`load_model` - read ``config.json`` + safetensors shards (``model.safetensors.index.json`` when
-  present), check every key / shape / dtype before reading data (errors name the key), dequantize FP8 /
-  FP4 weights to fp32 for the CPU path, report progress per shard.
+  present), check every key / shape / dtype before reading data (errors name the key), keep the tensors as
+  stored (FP8 / FP4 weights with their scales; the model dequantizes when it uses them), report progress per shard.
 * :func:`save_random_checkpoint` - write a seeded random model in the released format (FP8 e4m3 weights
   with ue8m0 128x128 block scales, packed FP4 experts with per-32 scales, BF16 / F32 / I64 elsewhere).
 """
@@ -160,7 +160,22 @@ def _shard_map(model_dir: Path) -> dict[str, str]:
         return {k: SINGLE_FILE for k in f.keys()}
 
 
-def _check_keys(expected: dict[str, TensorSpec], found: set[str]) -> None:
+SAFETENSORS_DTYPES = {"F8_E4M3": torch.float8_e4m3fn, "F8_E8M0": torch.float8_e8m0fnu, "I8": torch.int8,
+                      "BF16": torch.bfloat16, "F32": torch.float32, "I64": torch.int64}
+
+
+def check_tensor(expected: dict[str, TensorSpec], key: str, shape: tuple[int, ...], dtype: str) -> None:
+    """Raise :class:`CheckpointError` naming ``key`` unless it is expected with this shape and safetensors dtype."""
+    spec = expected.get(key)
+    if spec is None:
+        raise CheckpointError(f"checkpoint has unexpected tensor {key!r}")
+    if tuple(shape) != spec.shape or dtype != spec.dtype:
+        raise CheckpointError(f"tensor {key!r}: expected shape {list(spec.shape)} dtype {spec.dtype}, "
+                              f"got shape {list(shape)} dtype {dtype}")
+
+
+def check_keys(expected: dict[str, TensorSpec], found: set[str]) -> None:
+    """Raise :class:`CheckpointError` naming the first missing or unexpected key."""
     missing = sorted(set(expected) - found)
     unexpected = sorted(found - set(expected))
     if missing:
@@ -173,11 +188,11 @@ def _check_keys(expected: dict[str, TensorSpec], found: set[str]) -> None:
 
 def load_state_dict(model_dir: str | Path, cfg: DeepSeekV4Config, *,
                     progress: Callable[[LoadProgress], None] | None = None) -> dict[str, torch.Tensor]:
-    """Read and validate a checkpoint; returns the module state dict with dequantized fp32 weights."""
+    """Read and validate a checkpoint; returns the module state dict, every tensor as stored (``tid2eid`` int64)."""
     model_dir = Path(model_dir)
     expected = expected_tensors(cfg)
     shard_of = _shard_map(model_dir)
-    _check_keys(expected, set(shard_of))
+    check_keys(expected, set(shard_of))
     shards = sorted(set(shard_of.values()))
     by_shard: dict[str, list[str]] = {s: [] for s in shards}
     for k, s in shard_of.items():
@@ -194,35 +209,16 @@ def load_state_dict(model_dir: str | Path, cfg: DeepSeekV4Config, *,
                 if key not in present:
                     raise CheckpointError(f"tensor {key!r} is listed in {INDEX_FILE} for {shard!r} but not stored there")
                 sl = f.get_slice(key)
-                shape, dtype = tuple(sl.get_shape()), sl.get_dtype()
-                spec = expected[key]
-                if shape != spec.shape or dtype != spec.dtype:
-                    raise CheckpointError(
-                        f"tensor {key!r}: expected shape {list(spec.shape)} dtype {spec.dtype}, "
-                        f"got shape {list(shape)} dtype {dtype}")
+                check_tensor(expected, key, tuple(sl.get_shape()), sl.get_dtype())
 
-    # Pass 2: read and dequantize.
-    raw: dict[str, torch.Tensor] = {}
+    # Pass 2: read.
     state: dict[str, torch.Tensor] = {}
     done = 0
     for i, shard in enumerate(shards, 1):
         with safe_open(model_dir / shard, "pt") as f:
             for key in by_shard[shard]:
-                raw[key] = f.get_tensor(key)
+                state[key] = f.get_tensor(key)
                 done += 1
-        # convert every weight whose scale is now available (a weight and its scale may sit in different shards)
-        for key in [k for k in raw if expected[k].kind != "scale"]:
-            spec = expected[key]
-            if spec.kind in ("fp8", "fp4"):
-                scale_key = key[: -len(".weight")] + ".scale"
-                if scale_key not in raw:
-                    continue
-                fn = ops.dequant_fp8_weight if spec.kind == "fp8" else ops.dequant_fp4_weight
-                state[key] = fn(raw.pop(key), raw.pop(scale_key))
-            elif spec.dtype == "I64":
-                state[key] = raw.pop(key).long()
-            else:
-                state[key] = raw.pop(key).float()
         log.info("loaded shard %d/%d %s (%d/%d tensors)", i, len(shards), shard, done, len(expected))
         if progress is not None:
             progress(LoadProgress(shard, i, len(shards), done, len(expected)))
@@ -277,9 +273,6 @@ def quantize_fp4_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return ops.pack_fp4(codes), s.to(torch.float8_e8m0fnu)
 
 
-_ST_DTYPES = {"BF16": torch.bfloat16, "F32": torch.float32, "I64": torch.int64}
-
-
 def random_tensors(cfg: DeepSeekV4Config, seed: int) -> dict[str, torch.Tensor]:
     """Seeded random weights (numpy PCG64) for every key of :func:`expected_tensors`, stored as released.
 
@@ -323,7 +316,7 @@ def random_tensors(cfg: DeepSeekV4Config, seed: int) -> dict[str, torch.Tensor]:
             t = normal(spec.shape, 1.0)
         else:  # bf16 linears: head, gate, compressor wkv/wgate, indexer weights_proj
             t = normal(spec.shape, 1 / math.sqrt(spec.shape[1]))
-        out[key] = t.to(_ST_DTYPES[spec.dtype])
+        out[key] = t.to(SAFETENSORS_DTYPES[spec.dtype])
     return out
 
 

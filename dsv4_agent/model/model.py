@@ -1,8 +1,12 @@
 """DeepSeek-V4 forward pass in plain PyTorch (spec sections 3-6), over the paged cache of ``cache.py``.
 
-Module and parameter names equal the released checkpoint keys (``layers.L.attn.wq_a.weight``, ...), so a
-state dict loads by name. Weights are held dequantized in fp32; each :class:`Linear` remembers how the
-release stores it (``stored``) so that the released-precision numerics can quantize its activations.
+Module and parameter names equal the released checkpoint keys (``layers.L.attn.wq_a.weight`` / ``.scale``,
+...), so a state dict loads by name. Linear weights stay in checkpoint precision (FP8 e4m3 + ue8m0 block scales,
+packed FP4 + per-32 scales, BF16: ~1 / 0.5 / 2 bytes a parameter) and are dequantized exactly to fp32 when used.
+
+Tensor parallelism is injected (:class:`TensorParallel`): a factory for the split linears and an all-reduce.
+The plain model (``tp=None``) holds everything with its own :class:`Linear`; a serving engine passes its
+parallel layers, and each rank then holds its query heads / output groups / expert widths only.
 
 One forward call extends a batch of sequences (:class:`Step`), each from its own cached length by any
 number of tokens; dense work (projections, MoE) runs over all tokens of the batch together, attention per
@@ -11,7 +15,9 @@ sequence. Prefill, chunked prefill and decode are the same code path.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal, Protocol
 
 import torch
 from torch import nn
@@ -21,20 +27,77 @@ from .cache import PAGE_SIZE, LayerTail, PagePool, ResumeState, SequenceCache, T
 from .config import DeepSeekV4Config
 from .ops import Numerics
 
-
 # ---------------------------------------------------------------------------------------------------------
 # Leaf modules
 # ---------------------------------------------------------------------------------------------------------
-class Linear(nn.Module):
-    """y = x W^T with W fp32 [out, in]; ``stored`` = release storage ("fp8", "fp4", "bf16", "fp32")."""
+Split = Literal["replicated", "column", "row"]
 
-    def __init__(self, in_features: int, out_features: int, stored: str):
+
+class Linear(nn.Module):
+    """y = x W^T, W [out, in] kept as the checkpoint stores it and dequantized exactly to fp32 when used.
+
+    ``stored`` = checkpoint format: "fp8" (``weight`` float8_e4m3fn [out, in] + ``scale`` float8_e8m0fnu
+    [ceil(out/128), ceil(in/128)]), "fp4" (``weight`` int8 [out, in/2] packed e2m1 + ``scale`` [out, in/32]) or
+    "bf16" (``weight`` only). ``gemm`` = how the reference multiplies (spec 2.6; :func:`ops.linear`): "fp8" /
+    "fp4" (FP8-quantized activations), "bf16" or "fp32"; by default the stored format.
+    """
+
+    def __init__(self, in_features: int, out_features: int, stored: str, gemm: str | None = None):
         super().__init__()
-        self.weight = nn.Parameter(torch.zeros(out_features, in_features), requires_grad=False)
-        self.stored = stored
+        weight, scale = ops.stored_weight_shapes(out_features, in_features, stored)
+        self.weight = nn.Parameter(torch.zeros(weight[0], dtype=weight[1]), requires_grad=False)
+        self.scale = None if scale is None else nn.Parameter(torch.zeros(scale[0], dtype=scale[1]),
+                                                             requires_grad=False)
+        self.stored, self.gemm = stored, gemm or stored
+
+    def dequantized(self) -> torch.Tensor:
+        """fp32 [out, in]."""
+        return ops.dequant_weight(self.weight, self.scale, self.stored)
 
     def forward(self, x: torch.Tensor, num: Numerics) -> torch.Tensor:
-        return ops.linear(x, self.weight, self.stored, num)
+        return ops.linear(x, self.dequantized(), self.gemm, num)
+
+
+class LinearLike(Protocol):
+    """What the model needs of a linear layer (a :class:`Linear` or an engine's parallel layer)."""
+
+    def __call__(self, x: torch.Tensor, num: Numerics) -> torch.Tensor: ...
+
+    def dequantized(self) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class TensorParallel:
+    """How a model is split over ``size`` tensor-parallel ranks (the Megatron pattern SGLang shards DeepSeek by).
+
+    ``linear(in_features, out_features, stored, gemm, split, prefix)`` builds this rank's part of a linear
+    (``split`` "column": output rows split; "row": input columns split, partial outputs; "replicated"), named
+    ``prefix`` in the checkpoint. ``all_reduce`` sums partial outputs over the ranks (may work in place).
+
+    * attention: query heads split in contiguous blocks (``wq_b`` rows, ``attn_sink``); the output groups follow
+      their heads (``wo_a`` rows); ``wo_b`` is row-parallel and all-reduced. The single shared KV vector, the
+      compressors and the indexer are computed redundantly on every rank (MQA: one KV head);
+    * MoE: every expert's (and the shared expert's) intermediate dim is split (``w1`` / ``w3`` rows, ``w2``
+      columns); the routed + shared sum is all-reduced once per layer;
+    * embedding, head, norms, mHC, the gate and the MTP projections are replicated.
+    """
+
+    size: int
+    linear: Callable[[int, int, str, str, Split, str], LinearLike]
+    all_reduce: Callable[[torch.Tensor], torch.Tensor]
+
+    def check(self, cfg: DeepSeekV4Config) -> None:
+        for name in ("num_attention_heads", "o_groups", "moe_intermediate_size"):
+            if getattr(cfg, name) % self.size:
+                raise ValueError(f"tensor parallel size {self.size} does not divide {name} = {getattr(cfg, name)}")
+
+
+def _plain_linear(in_features: int, out_features: int, stored: str, gemm: str, split: Split,
+                  prefix: str) -> Linear:
+    return Linear(in_features, out_features, stored, gemm)
+
+
+SINGLE_RANK = TensorParallel(1, _plain_linear, lambda x: x)
 
 
 class RMSNorm(nn.Module):
@@ -47,8 +110,8 @@ class RMSNorm(nn.Module):
         return ops.rms_norm(x, self.weight, self.eps, num.act_dtype)
 
 
-def _param(*shape: int) -> nn.Parameter:
-    return nn.Parameter(torch.zeros(*shape), requires_grad=False)
+def _param(*shape: int, dtype: torch.dtype = torch.float32) -> nn.Parameter:
+    return nn.Parameter(torch.zeros(*shape, dtype=dtype), requires_grad=False)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -131,22 +194,22 @@ def _gather_entries(pool_t: torch.Tensor, pages: list[int], partial: torch.Tenso
 class Compressor(nn.Module):
     """KV compressor of a layer with ratio m (spec 4.4): overlap (CSA, m = 4) or plain (HCA)."""
 
-    def __init__(self, cfg: DeepSeekV4Config, ratio: int, width: int, rotate: bool):
+    def __init__(self, cfg: DeepSeekV4Config, ratio: int, width: int, rotate: bool, tp: TensorParallel, prefix: str):
         super().__init__()
         self.ratio, self.width = ratio, width
         self.overlap = ratio == 4
         k = 2 if self.overlap else 1
         self.ape = _param(ratio, k * width)
-        self.wkv = Linear(cfg.hidden_size, k * width, "fp32")
-        self.wgate = Linear(cfg.hidden_size, k * width, "fp32")
+        self.wkv = tp.linear(cfg.hidden_size, k * width, "bf16", "fp32", "replicated", prefix + "wkv")
+        self.wgate = tp.linear(cfg.hidden_size, k * width, "bf16", "fp32", "replicated", prefix + "wgate")
         self.norm = RMSNorm(width, cfg.rms_norm_eps)
         self.rotate = rotate  # indexer keys: Hadamard + FP4; main entries: FP8 on the non-rope dims
 
     def raw(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token candidates: x [N, d] -> (K [N, k*c], S [N, k*c]) fp32, S including ape[t mod m]."""
         xf = x.float()
-        kv = torch.nn.functional.linear(xf, self.wkv.weight)
-        score = torch.nn.functional.linear(xf, self.wgate.weight) + self.ape[positions % self.ratio]
+        kv = torch.nn.functional.linear(xf, self.wkv.dequantized())
+        score = torch.nn.functional.linear(xf, self.wgate.dequantized()) + self.ape[positions % self.ratio]
         return kv, score
 
     def extend(self, kv: torch.Tensor, score: torch.Tensor, ring_kv: torch.Tensor, ring_score: torch.Tensor,
@@ -187,13 +250,14 @@ class Compressor(nn.Module):
 class Indexer(nn.Module):
     """Lightning indexer of a CSA layer (spec 4.5)."""
 
-    def __init__(self, cfg: DeepSeekV4Config):
+    def __init__(self, cfg: DeepSeekV4Config, tp: TensorParallel, prefix: str):
         super().__init__()
         self.n_heads, self.head_dim = cfg.index_n_heads, cfg.index_head_dim
         self.topk = cfg.index_topk
-        self.wq_b = Linear(cfg.q_lora_rank, self.n_heads * self.head_dim, "fp8")
-        self.weights_proj = Linear(cfg.hidden_size, self.n_heads, "bf16")
-        self.compressor = Compressor(cfg, 4, self.head_dim, rotate=True)
+        self.wq_b = tp.linear(cfg.q_lora_rank, self.n_heads * self.head_dim, "fp8", "fp8", "replicated", prefix + "wq_b")
+        self.weights_proj = tp.linear(cfg.hidden_size, self.n_heads, "bf16", "bf16", "replicated",
+                                      prefix + "weights_proj")
+        self.compressor = Compressor(cfg, 4, self.head_dim, True, tp, prefix + "compressor.")
         self.scale = self.head_dim**-0.5 * self.n_heads**-0.5
 
     def queries(self, x: torch.Tensor, q_r: torch.Tensor, positions: torch.Tensor, freqs: torch.Tensor,
@@ -208,25 +272,27 @@ class Indexer(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: DeepSeekV4Config, layer_id: int):
+    def __init__(self, cfg: DeepSeekV4Config, layer_id: int, tp: TensorParallel, prefix: str):
         super().__init__()
         self.cfg = cfg
         self.layer_id = layer_id
         self.ratio = cfg.ratio(layer_id)
-        H, D = cfg.num_attention_heads, cfg.head_dim
-        self.n_heads, self.head_dim, self.rope_dim = H, D, cfg.qk_rope_head_dim
+        H, D, G = cfg.num_attention_heads, cfg.head_dim, cfg.o_groups
+        self.n_heads, self.head_dim, self.rope_dim = H // tp.size, D, cfg.qk_rope_head_dim  # this rank's heads
         self.window = cfg.sliding_window
-        self.attn_sink = _param(H)
-        self.wq_a = Linear(cfg.hidden_size, cfg.q_lora_rank, "fp8")
+        self.attn_sink = _param(H // tp.size)
+        self.wq_a = tp.linear(cfg.hidden_size, cfg.q_lora_rank, "fp8", "fp8", "replicated", prefix + "wq_a")
         self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
-        self.wq_b = Linear(cfg.q_lora_rank, H * D, "fp8")
-        self.wkv = Linear(cfg.hidden_size, D, "fp8")
+        self.wq_b = tp.linear(cfg.q_lora_rank, H * D, "fp8", "fp8", "column", prefix + "wq_b")
+        self.wkv = tp.linear(cfg.hidden_size, D, "fp8", "fp8", "replicated", prefix + "wkv")
         self.kv_norm = RMSNorm(D, cfg.rms_norm_eps)
-        self.n_groups, self.o_rank = cfg.o_groups, cfg.o_lora_rank
-        self.wo_a = Linear(H * D // cfg.o_groups, cfg.o_groups * cfg.o_lora_rank, "bf16")
-        self.wo_b = Linear(cfg.o_groups * cfg.o_lora_rank, cfg.hidden_size, "fp8")
-        self.compressor = Compressor(cfg, self.ratio, D, rotate=False) if self.ratio else None
-        self.indexer = Indexer(cfg) if self.ratio == 4 else None
+        self.n_groups, self.o_rank = G // tp.size, cfg.o_lora_rank  # the rank's groups follow its heads
+        # wo_a: stored FP8, multiplied in bf16 by the reference (dequantized at conversion, spec 7)
+        self.wo_a = tp.linear(H * D // G, G * cfg.o_lora_rank, "fp8", "bf16", "column", prefix + "wo_a")
+        self.wo_b = tp.linear(G * cfg.o_lora_rank, cfg.hidden_size, "fp8", "fp8", "row", prefix + "wo_b")
+        self.all_reduce = tp.all_reduce
+        self.compressor = Compressor(cfg, self.ratio, D, False, tp, prefix + "compressor.") if self.ratio else None
+        self.indexer = Indexer(cfg, tp, prefix + "indexer.") if self.ratio == 4 else None
         if self.ratio:
             yarn = (cfg.rope_original_max_position, cfg.rope_factor, cfg.rope_beta_fast, cfg.rope_beta_slow)
             freqs = ops.rope_frequencies(self.rope_dim, cfg.compress_rope_theta, yarn)
@@ -289,12 +355,12 @@ class Attention(nn.Module):
 
         o = ops.rope_tail(out, pos, self.freqs, inverse=True)
         o = o.reshape(N, self.n_groups, -1)
-        wo_a = self.wo_a.weight.view(self.n_groups, self.o_rank, -1)
+        wo_a = self.wo_a.dequantized().view(self.n_groups, self.o_rank, -1)
         if num.act_dtype == torch.bfloat16:
             z = torch.einsum("ngi,gri->ngr", o.to(torch.bfloat16), wo_a.to(torch.bfloat16))
         else:
             z = torch.einsum("ngi,gri->ngr", o.float(), wo_a)
-        return self.wo_b(z.flatten(1), num)
+        return self.all_reduce(self.wo_b(z.flatten(1), num))
 
     def _commit(self, seg: _Segment, slot: int, old: LayerTail, win: torch.Tensor, w_lo: int,
                 main: _CompressorRun | None, index: _CompressorRun | None, ctx: _Ctx) -> None:
@@ -322,11 +388,11 @@ class Attention(nn.Module):
 class Expert(nn.Module):
     """SwiGLU MLP with the clamp of spec 5.2; ``stored`` = "fp8" (shared) or the routed expert dtype."""
 
-    def __init__(self, dim: int, inter: int, stored: str, limit: float):
+    def __init__(self, dim: int, inter: int, stored: str, limit: float, tp: TensorParallel, prefix: str):
         super().__init__()
-        self.w1 = Linear(dim, inter, stored)
-        self.w2 = Linear(inter, dim, stored)
-        self.w3 = Linear(dim, inter, stored)
+        self.w1 = tp.linear(dim, inter, stored, stored, "column", prefix + "w1")
+        self.w2 = tp.linear(inter, dim, stored, stored, "row", prefix + "w2")  # partial sums: reduced by the MoE
+        self.w3 = tp.linear(dim, inter, stored, stored, "column", prefix + "w3")
         self.limit = limit
 
     def forward(self, x: torch.Tensor, num: Numerics, weight: torch.Tensor | None = None) -> torch.Tensor:
@@ -340,7 +406,7 @@ class Gate(nn.Module):
     def __init__(self, cfg: DeepSeekV4Config, layer_id: int):
         super().__init__()
         self.topk, self.route_scale = cfg.num_experts_per_tok, cfg.routed_scaling_factor
-        self.weight = _param(cfg.n_routed_experts, cfg.hidden_size)
+        self.weight = _param(cfg.n_routed_experts, cfg.hidden_size, dtype=torch.bfloat16)  # as stored, used in fp32
         self.hash = cfg.is_hash_layer(layer_id)
         if self.hash:
             self.register_buffer("tid2eid", torch.zeros(cfg.vocab_size, cfg.num_experts_per_tok, dtype=torch.long))
@@ -349,19 +415,20 @@ class Gate(nn.Module):
             self.bias = _param(cfg.n_routed_experts)
 
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = torch.nn.functional.linear(x.float(), self.weight)
+        logits = torch.nn.functional.linear(x.float(), self.weight.float())
         hashed = self.tid2eid[token_ids] if self.hash else None
         return ops.route(logits, self.bias, hashed, self.topk, self.route_scale)
 
 
 class MoE(nn.Module):
-    def __init__(self, cfg: DeepSeekV4Config, layer_id: int):
+    def __init__(self, cfg: DeepSeekV4Config, layer_id: int, tp: TensorParallel, prefix: str):
         super().__init__()
         self.gate = Gate(cfg, layer_id)
         F_, d = cfg.moe_intermediate_size, cfg.hidden_size
-        self.experts = nn.ModuleList(Expert(d, F_, cfg.expert_dtype, cfg.swiglu_limit)
-                                     for _ in range(cfg.n_routed_experts))
-        self.shared_experts = Expert(d, F_, "fp8", cfg.swiglu_limit)
+        self.experts = nn.ModuleList(Expert(d, F_, cfg.expert_dtype, cfg.swiglu_limit, tp, f"{prefix}experts.{e}.")
+                                     for e in range(cfg.n_routed_experts))
+        self.shared_experts = Expert(d, F_, "fp8", cfg.swiglu_limit, tp, prefix + "shared_experts.")
+        self.all_reduce = tp.all_reduce
 
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor, num: Numerics) -> torch.Tensor:
         weights, experts = self.gate(x, token_ids)
@@ -371,14 +438,14 @@ class MoE(nn.Module):
             rows, k = torch.nonzero(experts == e, as_tuple=True)
             y.index_add_(0, rows, self.experts[e](x[rows], num, weights[rows, k]).float())
         y += self.shared_experts(x, num).float()
-        return y.to(num.act_dtype)
+        return self.all_reduce(y).to(num.act_dtype)  # one all-reduce per layer, in fp32
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Blocks and the model
 # ---------------------------------------------------------------------------------------------------------
 class Block(nn.Module):
-    def __init__(self, cfg: DeepSeekV4Config, layer_id: int):
+    def __init__(self, cfg: DeepSeekV4Config, layer_id: int, tp: TensorParallel, prefix: str):
         super().__init__()
         hc, d = cfg.hc_mult, cfg.hidden_size
         mix = (2 + hc) * hc
@@ -386,8 +453,8 @@ class Block(nn.Module):
         self.hc_ffn_fn, self.hc_ffn_base, self.hc_ffn_scale = _param(mix, hc * d), _param(mix), _param(3)
         self.attn_norm = RMSNorm(d, cfg.rms_norm_eps)
         self.ffn_norm = RMSNorm(d, cfg.rms_norm_eps)
-        self.attn = Attention(cfg, layer_id)
-        self.ffn = MoE(cfg, layer_id)
+        self.attn = Attention(cfg, layer_id, tp, prefix + "attn.")
+        self.ffn = MoE(cfg, layer_id, tp, prefix + "ffn.")
         self.hc_kw = dict(norm_eps=cfg.rms_norm_eps, hc_eps=cfg.hc_eps, iters=cfg.hc_sinkhorn_iters)
 
     def forward(self, X: torch.Tensor, token_ids: torch.Tensor, ctx: _Ctx, slot: int) -> torch.Tensor:
@@ -401,11 +468,11 @@ class Block(nn.Module):
 class MTPBlock(Block):
     """Multi-token prediction block (spec 6): a sliding-window block fed by (main streams, next token)."""
 
-    def __init__(self, cfg: DeepSeekV4Config, layer_id: int):
-        super().__init__(cfg, layer_id)
+    def __init__(self, cfg: DeepSeekV4Config, layer_id: int, tp: TensorParallel, prefix: str):
+        super().__init__(cfg, layer_id, tp, prefix)
         d, hc = cfg.hidden_size, cfg.hc_mult
-        self.e_proj = Linear(d, d, "fp8")
-        self.h_proj = Linear(d, d, "fp8")
+        self.e_proj = tp.linear(d, d, "fp8", "fp8", "replicated", prefix + "e_proj")
+        self.h_proj = tp.linear(d, d, "fp8", "fp8", "replicated", prefix + "h_proj")
         self.enorm = RMSNorm(d, cfg.rms_norm_eps)
         self.hnorm = RMSNorm(d, cfg.rms_norm_eps)
         self.norm = RMSNorm(d, cfg.rms_norm_eps)
@@ -413,18 +480,24 @@ class MTPBlock(Block):
 
 
 class DeepSeekV4(nn.Module):
-    """The full model. Use :meth:`forward` with :class:`Step` s over :class:`SequenceCache` s."""
+    """The full model. Use :meth:`forward` with :class:`Step` s over :class:`SequenceCache` s.
 
-    def __init__(self, cfg: DeepSeekV4Config):
+    ``tp`` = this rank's tensor-parallel split (:class:`TensorParallel`); None = the whole model on one rank.
+    """
+
+    def __init__(self, cfg: DeepSeekV4Config, tp: TensorParallel | None = None):
         super().__init__()
+        tp = tp or SINGLE_RANK
+        tp.check(cfg)
         self.config = cfg
         d, hc = cfg.hidden_size, cfg.hc_mult
-        self.embed = nn.Embedding(cfg.vocab_size, d)
+        self.embed = nn.Embedding(cfg.vocab_size, d, dtype=torch.bfloat16)  # as stored; exact in any act dtype
         self.embed.weight.requires_grad_(False)
-        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
-        self.mtp = nn.ModuleList(MTPBlock(cfg, cfg.n_layers + k) for k in range(cfg.num_nextn_predict_layers))
+        self.layers = nn.ModuleList(Block(cfg, i, tp, f"layers.{i}.") for i in range(cfg.n_layers))
+        self.mtp = nn.ModuleList(MTPBlock(cfg, cfg.n_layers + k, tp, f"mtp.{k}.")
+                                 for k in range(cfg.num_nextn_predict_layers))
         self.norm = RMSNorm(d, cfg.rms_norm_eps)
-        self.head = Linear(d, cfg.vocab_size, "fp32")
+        self.head = tp.linear(d, cfg.vocab_size, "bf16", "fp32", "replicated", "head")
         self.hc_head_fn, self.hc_head_base, self.hc_head_scale = _param(hc, hc * d), _param(hc), _param(1)
 
     def new_sequence(self, pool: PagePool) -> SequenceCache:
@@ -433,7 +506,7 @@ class DeepSeekV4(nn.Module):
     def _head(self, X: torch.Tensor, fn, scale, base, norm: RMSNorm, num: Numerics) -> torch.Tensor:
         cfg = self.config
         h = ops.hc_head(X, fn, scale, base, norm_eps=cfg.rms_norm_eps, hc_eps=cfg.hc_eps)
-        return torch.nn.functional.linear(norm(h, num).float(), self.head.weight)
+        return torch.nn.functional.linear(norm(h, num).float(), self.head.dequantized())
 
     def head_logits(self, streams: torch.Tensor, numerics: Numerics | str = "fp32") -> torch.Tensor:
         """Final hc_head + norm + head of main-model streams [n, hc, d] -> fp32 logits [n, vocab]."""

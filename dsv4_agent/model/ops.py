@@ -45,6 +45,8 @@ from dsv4_agent.kernels.numerics import (  # noqa: F401
 )
 from dsv4_agent.kernels.numerics import hadamard_rotate as hadamard  # noqa: F401
 
+from .config import FP8_BLOCK
+
 # e2m1 code values in code-index order; code bit 3 is the sign (the packed FP4 weight format).
 FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 
@@ -119,10 +121,16 @@ def fp4_sim(x: torch.Tensor, block: int = 32) -> torch.Tensor:
     return fp4_fake_quant(x, block).to(x.dtype)
 
 
-def dequant_fp8_weight(w: torch.Tensor, scale: torch.Tensor, block: int = 128) -> torch.Tensor:
-    """w float8_e4m3fn [out, in], scale float8_e8m0fnu [ceil(out/block), ceil(in/block)] -> fp32 [out, in]."""
+def dequant_fp8_weight(w: torch.Tensor, scale: torch.Tensor, block: int = 128,
+                       offset: tuple[int, int] = (0, 0)) -> torch.Tensor:
+    """w float8_e4m3fn [out, in], scale float8_e8m0fnu [ceil(out/block), ceil(in/block)] -> fp32 [out, in].
+
+    A tensor-parallel shard may start inside a scale block: ``offset`` = (row, column) of ``w[0, 0]`` within the
+    block of ``scale[0, 0]`` (the scale then covers the blocks the shard touches).
+    """
     out, inp = w.shape
-    s = scale.float().repeat_interleave(block, 0)[:out].repeat_interleave(block, 1)[:, :inp]
+    r, c = offset
+    s = scale.float().repeat_interleave(block, 0)[r:r + out].repeat_interleave(block, 1)[:, c:c + inp]
     return w.float() * s
 
 
@@ -145,9 +153,39 @@ def pack_fp4(values: torch.Tensor) -> torch.Tensor:
     return packed.view(torch.int8)
 
 
-def dequant_fp4_weight(w: torch.Tensor, scale: torch.Tensor, block: int = 32) -> torch.Tensor:
-    """w int8 [out, in/2] packed e2m1, scale float8_e8m0fnu [out, in/block] -> fp32 [out, in]."""
-    return unpack_fp4(w) * scale.float().repeat_interleave(block, 1)
+def dequant_fp4_weight(w: torch.Tensor, scale: torch.Tensor, block: int = 32, offset: int = 0) -> torch.Tensor:
+    """w int8 [out, in/2] packed e2m1, scale float8_e8m0fnu [out, in/block] -> fp32 [out, in]; ``offset`` = column
+    of ``w``'s first logical column within the block of ``scale[:, 0]`` (a shard starting inside a block)."""
+    values = unpack_fp4(w)
+    return values * scale.float().repeat_interleave(block, 1)[:, offset:offset + values.shape[1]]
+
+
+FP4_WEIGHT_BLOCK = 32  # released FP4 scale granularity (FP8: FP8_BLOCK x FP8_BLOCK blocks)
+_STORED_DTYPES = {"fp8": torch.float8_e4m3fn, "fp4": torch.int8, "bf16": torch.bfloat16}
+
+
+def stored_weight_shapes(out: int, inp: int, stored: str) -> tuple[tuple[tuple[int, ...], torch.dtype],
+                                                                    tuple[tuple[int, ...], torch.dtype] | None]:
+    """Shapes / dtypes of a linear's (weight, scale) as stored ("fp8", "fp4", "bf16": no scale) for W [out, in]."""
+    if stored not in _STORED_DTYPES:
+        raise ValueError(f"unknown stored weight format {stored!r}; expected one of {sorted(_STORED_DTYPES)}")
+    if stored == "fp8":
+        b = FP8_BLOCK
+        return ((out, inp), torch.float8_e4m3fn), ((-(-out // b), -(-inp // b)), torch.float8_e8m0fnu)
+    if stored == "fp4":
+        return ((out, inp // 2), torch.int8), ((out, -(-inp // FP4_WEIGHT_BLOCK)), torch.float8_e8m0fnu)
+    return ((out, inp), torch.bfloat16), None
+
+
+def dequant_weight(w: torch.Tensor, scale: torch.Tensor | None, stored: str,
+                   offset: tuple[int, int] = (0, 0)) -> torch.Tensor:
+    """A stored linear weight (:func:`stored_weight_shapes`) -> fp32 [out, in], exactly. ``offset`` as in
+    :func:`dequant_fp8_weight` (FP4 uses its column)."""
+    if stored == "fp8":
+        return dequant_fp8_weight(w, scale, FP8_BLOCK, offset)
+    if stored == "fp4":
+        return dequant_fp4_weight(w, scale, FP4_WEIGHT_BLOCK, offset[1])
+    return w.float()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -183,19 +221,19 @@ def rope_tail(x: torch.Tensor, positions: torch.Tensor, freqs: torch.Tensor, inv
 # ---------------------------------------------------------------------------------------------------------
 # Linear layers (spec 2.6)
 # ---------------------------------------------------------------------------------------------------------
-def linear(x: torch.Tensor, weight: torch.Tensor, stored: str, num: Numerics) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: torch.Tensor, gemm: str, num: Numerics) -> torch.Tensor:
     """y = x @ W^T for x [..., in], W fp32 [out, in] (already dequantized).
 
-    ``stored`` is how the reference keeps the weight at run time: "fp8" / "fp4" (quantized GEMM: activation
+    ``gemm`` is how the reference keeps the weight at run time: "fp8" / "fp4" (quantized GEMM: activation
     FP8-quantized in blocks of 128, fp32 accumulation, output ``act_dtype``), "bf16" (bf16 GEMM) or "fp32".
     In the fp32 modes every kind is a plain fp32 matmul.
     """
     if num.act_dtype == torch.float32 and not num.act_quant:
         return F.linear(x.float(), weight)
-    if stored in ("fp8", "fp4"):
+    if gemm in ("fp8", "fp4"):
         xq = fp8_sim(x, 128).float() if num.act_quant else x.float()
         return F.linear(xq, weight).to(num.act_dtype)
-    if stored == "bf16":
+    if gemm == "bf16":
         return F.linear(x.to(torch.bfloat16), weight.to(torch.bfloat16)).to(num.act_dtype)
     return F.linear(x.float(), weight)
 

@@ -74,14 +74,16 @@ def test_random_checkpoint_round_trip(tmp_path):
     assert m1.config == cfg
     s1, s2 = m1.state_dict(), m2.state_dict()
     assert s1.keys() == s2.keys() and all(torch.equal(s1[k], s2[k]) for k in s1)
-    # the stored tensors are the release's dtypes, and loading dequantizes them exactly
+    # the stored tensors are the release's dtypes; the model keeps them as stored and dequantizes them exactly
     raw = load_file(one / "model.safetensors")
     w, s = raw["layers.1.attn.wq_b.weight"], raw["layers.1.attn.wq_b.scale"]
     assert w.dtype == torch.float8_e4m3fn and s.dtype == torch.float8_e8m0fnu
-    assert torch.equal(s1["layers.1.attn.wq_b.weight"], ops.dequant_fp8_weight(w, s))
+    assert s1["layers.1.attn.wq_b.weight"].dtype == torch.float8_e4m3fn
+    assert torch.equal(m1.layers[1].attn.wq_b.dequantized(), ops.dequant_fp8_weight(w, s))
     e, es = raw["layers.2.ffn.experts.3.w2.weight"], raw["layers.2.ffn.experts.3.w2.scale"]
     assert e.dtype == torch.int8 and e.shape == (cfg.hidden_size, cfg.moe_intermediate_size // 2)
-    assert torch.equal(s1["layers.2.ffn.experts.3.w2.weight"], ops.dequant_fp4_weight(e, es))
+    assert s1["layers.2.ffn.experts.3.w2.weight"].dtype == torch.int8
+    assert torch.equal(m1.layers[2].ffn.experts[3].w2.dequantized(), ops.dequant_fp4_weight(e, es))
     assert raw["layers.0.ffn.gate.tid2eid"].dtype == torch.int64
     # a random model runs and is finite
     from dsv4_agent.model import reference_logits
