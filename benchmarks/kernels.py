@@ -124,12 +124,15 @@ def model_kv(*shape):
     return torch.cat([fp8_fake_quant(kv[..., :448]), kv[..., 448:]], -1)
 
 
-ATTN_CONFIGS = {  # (block_h, block_n, num_warps, num_stages, num_splits); None = the dispatch default
-    "default": (None, 32, None, 2, None),
-    "h16n32w4s3": (16, 32, 4, 3, None),
-    "h32n32w4": (32, 32, 4, 2, None),
-    "h32n64w8s3": (32, 64, 8, 3, None),
-    "h64n32w8": (64, 32, 8, 2, None),
+ATTN_CONFIGS = {  # overrides of the dispatch default (`triton_attention.attn_config`)
+    "default": {},
+    "resolve": dict(resolve=True),
+    "n32s3v1": dict(block_n=32, num_stages=3, v_splits=1),
+    "n64s2sp2": dict(block_n=64, num_stages=2, num_splits=2, v_splits=1),
+    "n64s2sp2res": dict(block_n=64, num_stages=2, num_splits=2, v_splits=1, resolve=True),
+    "v2n32s3": dict(block_n=32, num_stages=3, v_splits=2),
+    "v2sp1": dict(block_n=32, num_stages=3, v_splits=2, num_splits=1),
+    "v2n64s2sp1": dict(block_n=64, num_stages=2, v_splits=2, num_splits=1),
 }
 
 
@@ -160,10 +163,8 @@ def bench_decode_attention(copy_gbs, batches, contexts, sweep):
                 cmp = pools[kind]
 
                 def call(s, cfg):
-                    bh, bn, w, st, sp = cfg
                     return lambda: sparse_attn_triton(s["q"], s["sink"], s["ring"][kind], s["start"], s["end"], cmp,
-                                                      s["table"], s["idx"], s["q_seq"], block_h=bh, block_n=bn,
-                                                      num_warps=w, num_stages=st, num_splits=sp)
+                                                      s["table"], s["idx"], s["q_seq"], **cfg)
 
                 configs = ATTN_CONFIGS if sweep else {"default": ATTN_CONFIGS["default"]}
                 best, default_us = None, None

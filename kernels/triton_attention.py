@@ -103,15 +103,15 @@ def _attend(
     t, offs_h, mask_h, split, v_half, q_ptr, stride_qt, stride_qh, sink_ptr,
     win_ptr, stride_win, win_start_ptr, win_end_ptr,
     cmp_ptr, stride_cmp, page_size, pt_ptr, stride_pt, idx_ptr, stride_idx, n_idx, q_seq_ptr,
-    out_ptr, stride_ot, stride_oh, part_acc_ptr, part_ml_ptr, H, qk_scale,
+    out_ptr, stride_ot, stride_oh, part_acc_ptr, part_ml_ptr, H, qk_scale, rows_buf,
     D: tl.constexpr, V0: tl.constexpr, DV: tl.constexpr, O0: tl.constexpr,
-    num_splits, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, PARTIAL: tl.constexpr,
+    num_splits, RESOLVE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, PARTIAL: tl.constexpr,
     FP8: tl.constexpr, NOPE: tl.constexpr, BLK: tl.constexpr, ROPE_OFF: tl.constexpr, SCALE_OFF: tl.constexpr,
     ROW_FP8: tl.constexpr, INTERP: tl.constexpr,
 ):
     """Output dims [V0, V0 + DV) of one (query, head tile, key split); the logits also use the other
     dims [O0, O0 + D - DV) when DV < D. FP8: the rope dims [NOPE, D) go through their own tiles."""
-    ROPE: tl.constexpr = D - NOPE
+    ROPE: tl.constexpr = D - NOPE if FP8 else 16  # bf16: placeholder shape of the unused rope tiles
     if FP8:  # fixed row size: a compile-time stride lets the row gathers be 8-byte (pipelined) copies
         stride_win = ROW_FP8
         stride_cmp = ROW_FP8
@@ -146,9 +146,20 @@ def _attend(
         m_i, l_i, acc, acc_rope = _attend_tile(
             q_own, q_oth, q_rope, win_ptr + (w_lo + j).to(tl.int64) * stride_win, j < w_hi, m_i, l_i, acc, acc_rope,
             qk_scale, D, V0, DV, O0, BLOCK_N, FP8, NOPE, BLK, ROPE_OFF, SCALE_OFF, INTERP)
+    c_lo = tl.maximum(lo, n_win) - n_win
     c_hi = hi - n_win
-    for start in range(tl.maximum(lo, n_win) - n_win, c_hi, BLOCK_N):  # selected entries: cmp_idx columns
-        rows, valid = _entry_rows(start + offs_n, c_hi, idx_row, pt_row, page_size)
+    if RESOLVE > 0:
+        # Resolve all our entries' pool rows at once (two dependent loads per program instead of per
+        # tile) into this program's row of `rows_buf`; the loop then gathers through one indirection.
+        all_rows, all_valid = _entry_rows(c_lo + tl.arange(0, RESOLVE), c_hi, idx_row, pt_row, page_size)
+        tl.store(rows_buf + tl.arange(0, RESOLVE), tl.where(all_valid, all_rows, -1).to(tl.int32))
+        tl.debug_barrier()  # makes the stores visible to every thread of the program
+    for start in range(c_lo, c_hi, BLOCK_N):  # selected entries: cmp_idx columns
+        if RESOLVE > 0:
+            r = tl.load(rows_buf + (start - c_lo) + offs_n, mask=start + offs_n < c_hi, other=-1)
+            rows, valid = r.to(tl.int64), r >= 0
+        else:
+            rows, valid = _entry_rows(start + offs_n, c_hi, idx_row, pt_row, page_size)
         m_i, l_i, acc, acc_rope = _attend_tile(
             q_own, q_oth, q_rope, cmp_ptr + rows * stride_cmp, valid, m_i, l_i, acc, acc_rope,
             qk_scale, D, V0, DV, O0, BLOCK_N, FP8, NOPE, BLK, ROPE_OFF, SCALE_OFF, INTERP)
@@ -182,10 +193,10 @@ def _sparse_attn_kernel(
     q_ptr, stride_qt, stride_qh, sink_ptr,
     win_ptr, stride_win, win_start_ptr, win_end_ptr,
     cmp_ptr, stride_cmp, page_size, pt_ptr, stride_pt, idx_ptr, stride_idx, n_idx, q_seq_ptr,
-    out_ptr, stride_ot, stride_oh, part_acc_ptr, part_ml_ptr,
+    out_ptr, stride_ot, stride_oh, part_acc_ptr, part_ml_ptr, rows_buf_ptr,
     H, qk_scale,
-    num_splits, D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, PARTIAL: tl.constexpr,
-    V_SPLITS: tl.constexpr, FP8: tl.constexpr, NOPE: tl.constexpr, BLK: tl.constexpr, ROPE_OFF: tl.constexpr,
+    num_splits, RESOLVE: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+    PARTIAL: tl.constexpr, V_SPLITS: tl.constexpr, FP8: tl.constexpr, NOPE: tl.constexpr, BLK: tl.constexpr, ROPE_OFF: tl.constexpr,
     SCALE_OFF: tl.constexpr, ROW_FP8: tl.constexpr, INTERP: tl.constexpr,
 ):
     t = tl.program_id(0)
@@ -194,18 +205,21 @@ def _sparse_attn_kernel(
     v_half = tl.program_id(2) % V_SPLITS
     offs_h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
     mask_h = offs_h < H
+    program = (t * tl.num_programs(1) + hb) * tl.num_programs(2) + tl.program_id(2)
+    rows_buf = rows_buf_ptr + program.to(tl.int64) * RESOLVE
     args = (t, offs_h, mask_h, split, v_half, q_ptr, stride_qt, stride_qh, sink_ptr,
             win_ptr, stride_win, win_start_ptr, win_end_ptr,
             cmp_ptr, stride_cmp, page_size, pt_ptr, stride_pt, idx_ptr, stride_idx, n_idx, q_seq_ptr,
-            out_ptr, stride_ot, stride_oh, part_acc_ptr, part_ml_ptr, H, qk_scale)
+            out_ptr, stride_ot, stride_oh, part_acc_ptr, part_ml_ptr, H, qk_scale, rows_buf)
+    # the value half is a compile-time column range: one specialised body per half
     if V_SPLITS == 1:
-        _attend(*args, D, 0, D, 0, num_splits, BLOCK_H, BLOCK_N, PARTIAL, FP8, NOPE, BLK, ROPE_OFF, SCALE_OFF,
-                ROW_FP8, INTERP)
+        _attend(*args, D, 0, D, 0, num_splits, RESOLVE, BLOCK_H, BLOCK_N, PARTIAL, FP8, NOPE, BLK, ROPE_OFF,
+                SCALE_OFF, ROW_FP8, INTERP)
     elif v_half == 0:
-        _attend(*args, D, 0, D // 2, D // 2, num_splits, BLOCK_H, BLOCK_N, PARTIAL, FP8, NOPE, BLK, ROPE_OFF,
+        _attend(*args, D, 0, D // 2, D // 2, num_splits, RESOLVE, BLOCK_H, BLOCK_N, PARTIAL, FP8, NOPE, BLK, ROPE_OFF,
                 SCALE_OFF, ROW_FP8, INTERP)
     else:
-        _attend(*args, D, D // 2, D // 2, 0, num_splits, BLOCK_H, BLOCK_N, PARTIAL, FP8, NOPE, BLK, ROPE_OFF,
+        _attend(*args, D, D // 2, D // 2, 0, num_splits, RESOLVE, BLOCK_H, BLOCK_N, PARTIAL, FP8, NOPE, BLK, ROPE_OFF,
                 SCALE_OFF, ROW_FP8, INTERP)
 
 
@@ -230,21 +244,27 @@ def _combine_splits_kernel(part_acc_ptr, part_ml_ptr, sink_ptr, out_ptr, stride_
     tl.store(out_ptr + t.to(tl.int64) * stride_ot + h * stride_oh + offs_d, round_bf16(o).to(out_ptr.dtype.element_ty))
 
 
-def attn_config(n_queries: int, heads: int, max_keys: int, device: torch.device, **overrides) -> dict:
+def attn_config(n_queries: int, heads: int, max_keys: int, fp8: bool, device: torch.device, **overrides) -> dict:
     """Tile config: the dispatch default with `overrides` applied (block_h, block_n, num_splits,
-    v_splits, num_warps, num_stages). Default: all heads in one tile (up to 64) and enough key splits
-    that the programs fill the GPU once (small batches pay the gather latency in parallel)."""
-    unknown = set(overrides) - {"block_h", "block_n", "num_splits", "v_splits", "num_warps", "num_stages"}
+    v_splits, num_warps, num_stages, resolve: entry rows resolved once per program). All heads in one tile (up to 64); key splits up to one wave of
+    programs (one fits per SM: a second wave doubles the time). Few queries (latency-bound): 32-key
+    tiles and bf16 value halves (more programs in flight); many: 64-key tiles. Measured on H100
+    (benchmarks/kernels.py --sweep)."""
+    unknown = set(overrides) - {"block_h", "block_n", "num_splits", "v_splits", "num_warps", "num_stages", "resolve"}
     if unknown:
         raise ValueError(f"sparse_attn_triton: unknown config keys {sorted(unknown)}")
-    cfg = dict(block_h=min(64, max(16, triton.next_power_of_2(heads))), block_n=32, v_splits=1, num_stages=3)
+    block_h = min(64, max(16, triton.next_power_of_2(heads)))
+    sms = num_sms(device)
+    few = n_queries * triton.cdiv(heads, block_h) * 8 <= sms
+    cfg = dict(block_h=block_h, block_n=32 if few else 64, v_splits=2 if few and not fp8 else 1,
+               num_stages=3 if few else 2, resolve=False)
     cfg.update({k: v for k, v in overrides.items() if v is not None})
     if cfg["v_splits"] not in (1, 2):
         raise ValueError(f"v_splits: expected 1 or 2, got {cfg['v_splits']}")
     cfg.setdefault("num_warps", 8 if cfg["block_h"] >= 64 else 4)
     if cfg.get("num_splits") is None:
         programs = n_queries * triton.cdiv(heads, cfg["block_h"]) * cfg["v_splits"]
-        cfg["num_splits"] = max(1, min(triton.cdiv(num_sms(device), programs), triton.cdiv(max_keys, cfg["block_n"])))
+        cfg["num_splits"] = max(1, min(sms // programs, triton.cdiv(max_keys, cfg["block_n"])))
     return cfg
 
 
@@ -276,9 +296,14 @@ def sparse_attn_triton(
     if fp8 and (win_kv.stride(0) != KV_FP8_BYTES or cmp_rows.stride(0) != KV_FP8_BYTES):
         raise ValueError(f"win_kv/cmp_kv: FP8 rows must be contiguous ({KV_FP8_BYTES} bytes apart)")
     scale = (d**-0.5 if softmax_scale is None else softmax_scale) * LOG2E
-    cfg = attn_config(t, h, max_window + n_idx, q.device, **config)
+    cfg = attn_config(t, h, max_window + n_idx, fp8, q.device, **config)
     block_h, num_splits, v_splits = cfg["block_h"], cfg["num_splits"], cfg["v_splits"]
     n_hb = triton.cdiv(h, block_h)
+    n_programs = t * n_hb * num_splits * v_splits
+    # entries one program reads at most: its share of the (window + selected) key list, at most n_idx
+    per_split = triton.cdiv(triton.cdiv(max_window + n_idx, cfg["block_n"]), num_splits) * cfg["block_n"]
+    resolve = triton.next_power_of_2(min(per_split, n_idx)) if cfg["resolve"] and n_idx else 0
+    rows_buf = torch.empty(n_programs * resolve if resolve else 1, device=q.device, dtype=torch.int32)
     if num_splits > 1:
         part_acc = torch.empty(t * num_splits * h, d, device=q.device, dtype=torch.float32)
         part_ml = torch.empty(t * num_splits * h, 2, device=q.device, dtype=torch.float32)
@@ -289,9 +314,9 @@ def sparse_attn_triton(
         win_kv, win_kv.stride(0), win_start, win_end,
         cmp_rows, cmp_rows.stride(0), cmp_kv.shape[1], page_table, page_table.stride(0),
         cmp_idx, cmp_idx.stride(0), n_idx, q_seq,
-        out, out.stride(0), out.stride(1), part_acc, part_ml,
+        out, out.stride(0), out.stride(1), part_acc, part_ml, rows_buf,
         h, scale,
-        num_splits,
+        num_splits, RESOLVE=resolve,
         D=d, BLOCK_H=block_h, BLOCK_N=cfg["block_n"], PARTIAL=num_splits > 1, V_SPLITS=v_splits, FP8=fp8,
         NOPE=NOPE_DIM, BLK=FP8_BLOCK, ROPE_OFF=KV_FP8_ROPE_OFFSET, SCALE_OFF=KV_FP8_SCALE_OFFSET,
         ROW_FP8=KV_FP8_BYTES, INTERP=INTERPRET,

@@ -100,8 +100,9 @@ def test_decode_matches_reference(name, fp8, device, force_triton):
 
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
 @pytest.mark.parametrize("config", [dict(num_splits=1), dict(num_splits=2), dict(num_splits=8),
-                                    dict(num_splits=1, v_splits=2), dict(num_splits=3, v_splits=2, block_n=16)],
-                         ids=["s1", "s2", "s8", "s1v2", "s3v2n16"])
+                                    dict(num_splits=1, v_splits=2), dict(num_splits=3, v_splits=2, block_n=16),
+                                    dict(num_splits=3, resolve=True), dict(num_splits=1, v_splits=2, resolve=True)],
+                         ids=["s1", "s2", "s8", "s1v2", "s3v2n16", "s3resolve", "s1v2resolve"])
 def test_decode_split_counts_agree(config, fp8, device):
     """Key splits (partials merged by the combine kernel) and value halves give the same result."""
     case = _decode_case([5, 300, 77], heads=20, k=32, page_size=8, device=device)  # heads not a block multiple
@@ -204,8 +205,9 @@ def test_bad_inputs_name_the_field(device):
         sparse_attn_decode(**{**case, "win_ring": case["win_ring"][:, :64]})
 
 
-GPU_CONFIGS = {"default": {}, "v2": dict(v_splits=2), "n64s2": dict(block_n=64, num_stages=2),
-               "split5": dict(num_splits=5)}
+GPU_CONFIGS = {"default": {}, "v2": dict(v_splits=2), "v2w4": dict(v_splits=2, num_warps=4),
+               "n64s2": dict(block_n=64, num_stages=2), "split5": dict(num_splits=5),
+               "resolve": dict(resolve=True), "n64s2resolve": dict(block_n=64, num_stages=2, resolve=True)}
 
 
 @pytest.mark.gpu
