@@ -8,10 +8,17 @@ those of tokenizing the whole prompt string (control tokens always split tokeniz
 
 Echoed completions (issue 6): re-tokenizing a completion the model wrote can give other ids than it generated
 (a model may emit a non-canonical split), and the radix cache then stops matching a few tokens into the
-previous reply. `CompletionStore` keeps, for every finished completion, its exact output ids keyed by their
-text; when a later prompt holds an assistant turn that the encoder renders to exactly that text (the round
-trip decode -> parse -> re-render closed), at a place where the prompt's control tokens are the ones the
-model wrote, the stored ids replace the re-tokenized ones. Anything else is tokenized as usual.
+previous reply. `CompletionStore` keeps, for every finished completion whose text the encoder renders back
+exactly (decode -> parse -> re-render closed), its exact output ids keyed by the completion's *meaning*:
+thinking mode, reasoning (when the mode renders it), content, and each call's name and arguments as JSON
+values. Clients re-serialise tool-call arguments (other spacing, other key order: the OpenAI SDK and agent
+frameworks `json.dumps` their own dicts), which changes the rendered DSML; an echoed turn whose meaning is
+a stored completion therefore gets the model's own argument strings back before encoding, so the prompt is
+the official rendering of the messages the model actually produced, and at a place where the prompt's
+control tokens are the ones the model wrote, the stored ids replace the re-tokenized ones. Anything else is
+tokenized as usual. Not covered: a reply cut by a stop string (its output ids run past the text the client
+sees; the cache's resume state lies at their end, beyond the cut, so the next turn resumes from a page-aligned
+state either way).
 
 Output parsing is left to the text parsers (`output` is None): our reasoning and tool-call detectors.
 """
@@ -20,6 +27,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import json
 import re
 import threading
 from array import array
@@ -27,7 +35,13 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
-from dsv4_agent.encoding import encode_segments, normalize_messages, render_assistant, resolve_reasoning
+from dsv4_agent.encoding import (
+    encode_segments,
+    normalize_messages,
+    parse_completion,
+    render_assistant,
+    resolve_reasoning,
+)
 from dsv4_agent.encoding.tokens import EOS
 
 # Fields SGLang's message model adds that are not part of the V4 input model.
@@ -124,7 +138,7 @@ COMPLETION_STORE_TOKENS = 1 << 23  # output ids remembered in all (LRU, 4 bytes 
 
 
 class CompletionStore:
-    """Bounded LRU map sha256(completion text) -> the token ids the model generated for that text."""
+    """Bounded LRU map key -> the token ids the model generated (keys: `completion_key`)."""
 
     def __init__(self, capacity_tokens: int = COMPLETION_STORE_TOKENS):
         self.capacity_tokens = capacity_tokens
@@ -132,14 +146,10 @@ class CompletionStore:
         self._tokens = 0
         self._lock = threading.Lock()
 
-    @staticmethod
-    def _key(text: str) -> bytes:
-        return hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
-
-    def put(self, text: str, ids: Sequence[int]) -> None:
+    def put(self, key: bytes, ids: Sequence[int]) -> None:
         if len(ids) > self.capacity_tokens:
             return
-        key, value = self._key(text), array("i", ids)
+        value = array("i", ids)
         with self._lock:
             old = self._items.pop(key, None)
             self._tokens += len(value) - (len(old) if old is not None else 0)
@@ -147,14 +157,34 @@ class CompletionStore:
             while self._tokens > self.capacity_tokens:
                 self._tokens -= len(self._items.popitem(last=False)[1])
 
-    def get(self, text: str) -> list[int] | None:
-        key = self._key(text)
+    def get(self, key: bytes) -> list[int] | None:
         with self._lock:
             value = self._items.get(key)
             if value is None:
                 return None
             self._items.move_to_end(key)
         return value.tolist()
+
+
+def _json_value(arguments: Any) -> str:
+    """Arguments as a canonical JSON text (objects' key order and all spacing removed; 1, 1.0 and true stay
+    apart), or the raw text tagged as such when it is not JSON."""
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except ValueError:
+            return "raw:" + arguments
+    return json.dumps(arguments, sort_keys=True, ensure_ascii=False)
+
+
+def completion_key(message: dict[str, Any], mode: str) -> bytes:
+    """The meaning of an (encoder-input) assistant message in `mode`: what the encoder renders of it, with
+    tool-call arguments compared as JSON values. Call ids are not rendered and not part of it."""
+    meaning = [mode, str(message.get("reasoning_content") or "") if mode == "thinking" else "",
+               str(message.get("content") or ""),
+               [[str(c["function"].get("name")), _json_value(c["function"].get("arguments"))]
+                for c in message.get("tool_calls") or []]]
+    return hashlib.sha256(json.dumps(meaning, ensure_ascii=False).encode("utf-8", "surrogatepass")).digest()
 
 
 def _clean(message: dict[str, Any]) -> dict[str, Any]:
@@ -213,40 +243,70 @@ class DSV4EncodingAdapter:
                         thinking: bool, image_data: list) -> list[int]:
         mode, effort = prompt_mode(request)
         normalized = self._normalized(messages, request)
+        echoed = self._echoed_completions(normalized, mode)
         prompt = PromptText(encode_segments(normalized, mode, effort), self.tokenizer)
         ids: list[int] = []
         pos = 0
-        for start, end, generated in self._echoed_completions(prompt, normalized, mode):
+        for start, end, generated in self._splices(prompt, echoed):
             ids += prompt.span_ids(pos, start) + generated
             pos = end
         return ids + prompt.span_ids(pos, len(prompt.text))
 
     def remember_completion(self, output_ids: Sequence[int]) -> None:
-        """Store a finished completion's ids. One cut short (length, stop string) gets the EOS the encoder
-        writes after every complete assistant turn; the model never saw it, so the cache resumes before it."""
+        """Store a finished completion's ids under its meaning in every mode whose rendering of it gives its
+        text back. One cut short (length, stop string) gets the EOS the encoder writes after every complete
+        assistant turn; the model never saw it, so the cache resumes before it."""
         ids = list(output_ids)
         if not ids:
             return
         if ids[-1] != self._eos_id:
             ids.append(self._eos_id)
-        self.completions.put(self.tokenizer.decode(ids), ids)
+        text = self.tokenizer.decode(ids)
+        for mode in ("chat", "thinking"):
+            message = parse_completion(text, mode, id_factory=str)
+            if "incomplete_tool_call" not in message and self._renders(message, mode) == text:
+                self.completions.put(completion_key(message, mode), ids)
 
-    def _echoed_completions(self, prompt: PromptText, messages: list[dict[str, Any]],
-                            mode: str) -> list[tuple[int, int, list[int]]]:
-        """(start, end, generated ids) of every assistant turn whose rendering is a stored completion, found
-        in order in the prompt text where it can be cut out and its control tokens are the model's."""
-        found: list[tuple[int, int, list[int]]] = []
-        cursor = 0
+    @staticmethod
+    def _renders(message: dict[str, Any], mode: str) -> str | None:
+        """What the encoder renders of an assistant message, None where it rejects it (the prompt's own
+        encoding reports such input, naming the field)."""
+        try:
+            return render_assistant(message, mode)
+        except ValueError:
+            return None
+
+    def _echoed_completions(self, messages: list[dict[str, Any]], mode: str) -> list[tuple[str, list[int]]]:
+        """(rendered text, generated ids) of every assistant message whose meaning is a stored completion, in
+        order. Each such message gets the model's own tool-call arguments (in place; the client's call ids
+        stay), so it renders to exactly the text the model wrote."""
+        found: list[tuple[str, list[int]]] = []
         for msg in messages:
             if msg.get("role") != "assistant":
                 continue
-            try:
-                rendered = render_assistant(msg, mode)
-            except ValueError:
-                continue
-            generated = self.completions.get(rendered) if rendered else None
+            generated = self.completions.get(completion_key(msg, mode))
             if generated is None:
                 continue
+            text = self.tokenizer.decode(generated)
+            own = parse_completion(text, mode, id_factory=str)["tool_calls"]
+            calls = msg.get("tool_calls") or []
+            if len(own) != len(calls):
+                continue
+            echoed = {**msg, "tool_calls": [{**c, "function": {**c["function"], "arguments": o["function"]["arguments"]}}
+                                            for c, o in zip(calls, own, strict=True)]} if calls else msg
+            if self._renders(echoed, mode) != text:
+                continue
+            msg.update(echoed)
+            found.append((text, generated))
+        return found
+
+    def _splices(self, prompt: PromptText, echoed: list[tuple[str, list[int]]]) -> list[tuple[int, int, list[int]]]:
+        """(start, end, generated ids) of the echoed completions found in order in the prompt text where it
+        can be cut and the control tokens are the model's (a turn whose reasoning the encoder drops renders
+        otherwise, and is tokenized as usual)."""
+        found: list[tuple[int, int, list[int]]] = []
+        cursor = 0
+        for rendered, generated in echoed:
             start = prompt.text.find(rendered, cursor)
             while start >= 0:
                 end = start + len(rendered)

@@ -17,6 +17,7 @@ import httpx
 import pytest
 import torch
 from dsv4_agent.encoding import encode_segments, normalize_messages
+from dsv4_agent.encoding.tokens import DSML, EOS
 from transformers import PreTrainedTokenizerFast
 
 from dsv4_agent.model import PagePool, Step, load_model
@@ -192,6 +193,65 @@ def test_chat_echoed_reply_resumes_after_it(servers, stream):
     # cut at max_tokens: the last reply token was never fed to the model; the EOS after it is new
     assert usage["prompt_tokens_details"]["cached_tokens"] == len(prompt1) + len(reply1) - 1
 
+    second_off, _ = chat(off, messages)
+    assert second_off["prompt_token_ids"] == second["prompt_token_ids"]
+    assert second_off["response_token_ids"] == second["response_token_ids"]
+
+
+def test_chat_echoed_tool_call_with_reserialised_arguments(servers):
+    """An agent client sends the tool call back with arguments it re-serialised (other key order, compact
+    separators): the turn is matched by meaning and rendered from the model's own arguments, so the prompt
+    holds the generated ids and the next turn resumes after the whole reply; outputs equal the uncached server."""
+    hf = PreTrainedTokenizerFast(tokenizer_file=str(ensure_tokenizer() / "tokenizer.json"))
+    tok = SegmentTokenizer(hf)
+    on, off = servers
+    model = httpx.get(on.base_url + "/v1/models", timeout=30).json()["data"][0]["id"]
+    tools = [{"type": "function", "function": {"name": "read_file", "parameters": {"type": "object", "properties": {
+        "mode": {"type": "string", "enum": ["head", "tail", "all"]}, "start_line": {"type": "integer"},
+        "strict": {"type": "boolean"}}, "required": ["mode", "start_line", "strict"]}}}]
+    body = {"model": model, "max_tokens": 300, "temperature": 0, "thinking": {"type": "disabled"}, "tools": tools,
+            "return_token_ids": True}
+
+    def chat(server, messages, **extra):
+        r = httpx.post(server.base_url + "/v1/chat/completions", timeout=300,
+                       json={**body, "messages": messages, **extra})
+        r.raise_for_status()
+        return r.json()["choices"][0], r.json()["usage"]
+
+    # The grammar forces a call; take a system prompt under which the random model completes it within
+    # max_tokens. The grammar also lets it spell `｜DSML｜` in text tokens, which is not the control token the
+    # encoder writes (such a turn is tokenized as usual); a bias makes it write the control token, as a
+    # trained model does.
+    forced = {"tool_choice": {"type": "function", "function": {"name": "read_file"}},
+              "logit_bias": {str(tok.token_id(DSML)): 100.0}}
+    finished = []
+    for system in ("Read files carefully. " * 8, "You are a coding agent. " * 6, "Inspect the code. " * 10):
+        history = [{"role": "system", "content": system}, {"role": "user", "content": "Fix the crash."}]
+        first, _ = chat(off, history, **forced)
+        finished.append(first["finish_reason"])
+        if first["finish_reason"] == "tool_calls":
+            break
+    else:
+        pytest.fail(f"no complete forced tool call within max_tokens: {finished}")
+    prompt1, reply1 = first["prompt_token_ids"], first["response_token_ids"]
+    reply_on, _ = chat(on, history, **forced)
+    assert reply_on["response_token_ids"] == reply1
+    call = reply_on["message"]["tool_calls"][0]
+    args = json.loads(call["function"]["arguments"])
+    resent = json.dumps(dict(reversed(args.items())), separators=(",", ":"))  # what an agent framework sends
+    messages = history + [
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": call["id"], "type": "function", "function": {"name": "read_file", "arguments": resent}}]},
+        {"role": "tool", "tool_call_id": call["id"], "content": "1: [section]\n2: key = value"}]
+    as_sent = tok.encode(encode_segments(normalize_messages(messages, tools=tools), "chat"))
+    assert as_sent[:len(prompt1) + len(reply1)] != prompt1 + reply1  # the client's key order renders otherwise
+
+    second, usage = chat(on, messages)
+    assert tok.control_ids(reply1).count(tok.token_id(DSML)) == 10  # every marker is the control token
+    generated = reply1 + [tok.token_id(EOS)] * (reply1[-1] != tok.token_id(EOS))  # the EOS may be stripped
+    assert second["prompt_token_ids"][:len(prompt1) + len(generated)] == prompt1 + generated
+    # every generated token but the last (the EOS it sampled) was fed to the model and is reused
+    assert usage["prompt_tokens_details"]["cached_tokens"] == len(prompt1) + len(generated) - 1
     second_off, _ = chat(off, messages)
     assert second_off["prompt_token_ids"] == second["prompt_token_ids"]
     assert second_off["response_token_ids"] == second["response_token_ids"]
