@@ -6,6 +6,11 @@ The tokenizer is a byte-level BPE trained locally on Python standard-library sou
 tokens ...) as one added special token; BOS and EOS get ids 0 and 1 as in the release. The weights are
 seeded random (the model helper's `save_random_checkpoint`). Everything is built once into a cache folder
 whose name carries a hash of the recipe, so a changed recipe builds a fresh folder.
+
+The default context is 8192 positions (fast CI). Long-session benchmarks need more: `max_positions` (or the
+environment variable `DSV4_AGENT_TINY_MAX_POSITIONS`, which `dsv4-agent serve` without `--model-path` then
+honours) builds the same model with another `max_position_embeddings` into its own folder; the weights, the
+tokenizer and the released checkpoint format are unchanged (no weight depends on the context length).
 """
 
 from __future__ import annotations
@@ -43,6 +48,8 @@ TINY_CONFIG: dict[str, Any] = {
     "num_hash_layers": 1, "swiglu_limit": 10.0, "expert_dtype": "fp4", "bos_token_id": 0, "eos_token_id": 1,
 }
 
+MAX_POSITIONS_ENV = "DSV4_AGENT_TINY_MAX_POSITIONS"
+
 # The released generation_config.json: recommended sampling T=1.0, top_p=1.0.
 GENERATION_CONFIG = {"bos_token_id": 0, "eos_token_id": 1, "do_sample": True, "temperature": 1.0, "top_p": 1.0}
 
@@ -57,8 +64,23 @@ def cache_root() -> Path:
     return Path(os.environ.get("DSV4_AGENT_CACHE", Path.home() / ".cache" / "dsv4-agent"))
 
 
-def recipe_key() -> str:
-    recipe = {"v": RECIPE_VERSION, "config": TINY_CONFIG, "vocab": TOKENIZER_VOCAB, "bytes": TRAINING_BYTES,
+def tiny_config(max_positions: int | None = None) -> dict[str, Any]:
+    """The embedded model's config.json: `TINY_CONFIG` with `max_position_embeddings` = `max_positions`, else
+    $DSV4_AGENT_TINY_MAX_POSITIONS, else the default (8192)."""
+    if max_positions is None and os.environ.get(MAX_POSITIONS_ENV):
+        try:
+            max_positions = int(os.environ[MAX_POSITIONS_ENV])
+        except ValueError:
+            raise ValueError(f"{MAX_POSITIONS_ENV}: expected an integer, got {os.environ[MAX_POSITIONS_ENV]!r}") from None
+    if max_positions is None:
+        return TINY_CONFIG
+    if max_positions < 128:  # at least one compressed page (compress ratio 128)
+        raise ValueError(f"max_positions ({MAX_POSITIONS_ENV}): must be at least 128, got {max_positions}")
+    return {**TINY_CONFIG, "max_position_embeddings": max_positions}
+
+
+def recipe_key(config: dict[str, Any] = TINY_CONFIG) -> str:
+    recipe = {"v": RECIPE_VERSION, "config": config, "vocab": TOKENIZER_VOCAB, "bytes": TRAINING_BYTES,
               "seed": SEED, "special": SPECIAL_TOKENS, "gen": GENERATION_CONFIG}
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -75,7 +97,7 @@ def _training_text() -> Iterator[str]:
             return
 
 
-def build_tokenizer(out_dir: Path) -> int:
+def build_tokenizer(out_dir: Path, max_length: int = TINY_CONFIG["max_position_embeddings"]) -> int:
     """Train the byte-level BPE; write tokenizer.json + tokenizer_config.json. Returns the vocabulary size."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -93,15 +115,17 @@ def build_tokenizer(out_dir: Path) -> int:
     (out_dir / "tokenizer_config.json").write_text(json.dumps({
         "add_bos_token": False, "add_eos_token": False, "bos_token": {**token, "content": BOS},
         "eos_token": {**token, "content": EOS}, "pad_token": {**token, "content": EOS},
-        "clean_up_tokenization_spaces": False, "legacy": True, "model_max_length": TINY_CONFIG["max_position_embeddings"],
+        "clean_up_tokenization_spaces": False, "legacy": True, "model_max_length": max_length,
         "unk_token": None, "tokenizer_class": "PreTrainedTokenizerFast",
     }, indent=2, ensure_ascii=False))
     return tok.get_vocab_size()
 
 
-def ensure_tiny_model(progress: Progress = _stderr) -> Path:
-    """The cached tiny V4 model folder, built on first use (atomic: built aside, then renamed)."""
-    target = cache_root() / f"tiny-v4-{recipe_key()}"
+def ensure_tiny_model(progress: Progress = _stderr, max_positions: int | None = None) -> Path:
+    """The cached tiny V4 model folder, built on first use (atomic: built aside, then renamed).
+    `max_positions`: its context length (see `tiny_config`)."""
+    config = tiny_config(max_positions)
+    target = cache_root() / f"tiny-v4-{recipe_key(config)}"
     if (target / "config.json").is_file():
         return target
     from dsv4_agent.model import DeepSeekV4Config, save_random_checkpoint
@@ -111,11 +135,11 @@ def ensure_tiny_model(progress: Progress = _stderr) -> Path:
     try:
         progress(f"building the embedded tiny DeepSeek-V4 model in {target} (once)")
         progress(f"  1/3 training a {TOKENIZER_VOCAB}-token BPE tokenizer on Python stdlib sources")
-        vocab = build_tokenizer(work)
-        if vocab != TINY_CONFIG["vocab_size"]:
-            raise RuntimeError(f"tokenizer has {vocab} tokens, the config expects {TINY_CONFIG['vocab_size']}")
+        vocab = build_tokenizer(work, config["max_position_embeddings"])
+        if vocab != config["vocab_size"]:
+            raise RuntimeError(f"tokenizer has {vocab} tokens, the config expects {config['vocab_size']}")
         progress("  2/3 writing seeded random weights in the released FP8/FP4 checkpoint format")
-        save_random_checkpoint(DeepSeekV4Config.from_hf(TINY_CONFIG), work, SEED)
+        save_random_checkpoint(DeepSeekV4Config.from_hf(config), work, SEED)
         progress("  3/3 writing generation_config.json")
         (work / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2))
         try:
