@@ -208,7 +208,7 @@ def _hadamard_bf16(n: int, device: torch.device) -> torch.Tensor:
 
 def compress_tokens_triton(kv, score, ape, norm_weight, inv_freq, cu_seqlens, start_pos, state_kv, state_score,
                            state_slot, out, page_table, ratio, indexer=False, eps=1e-6, max_seqlen=None, *,
-                           rows=None, num_warps=None, hadamard="butterfly", split=None):
+                           rows=None, num_warps=None, num_stages=3, hadamard="butterfly", split=None):
     kappa = 2 if ratio == 4 else 1
     n_seq = start_pos.shape[0]
     kc = kv.shape[1]
@@ -219,14 +219,25 @@ def compress_tokens_triton(kv, score, ape, norm_weight, inv_freq, cu_seqlens, st
     if max_seqlen is None:
         max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
     c = kc // kappa
+    max_entries = triton.cdiv(max_seqlen, ratio)
+    if split is None and kappa * ratio >= 64 and kv.is_cuda:
+        # long (HCA) entries, tuned on H100: one program per entry once there are enough of them, else (and
+        # for bf16 inputs) each entry's channels pooled by several one-warp programs; small tiles keep the
+        # per-channel reductions inside a thread and the registers low
+        if kv.element_size() == 4 and n_seq * max_entries >= 2 * num_sms(kv.device):
+            split, rows, num_warps = 1, rows or 4, num_warps or 4
+        elif kv.element_size() == 4:
+            split, rows, num_warps = min(8, c // 64), rows or 32, num_warps or 1
+        else:
+            split, rows, num_warps = min(4, c // 128), rows or 16, num_warps or 1
+    split = split or 1
     if rows is None:  # candidate rows per tile (H100: 8 beat 32 for HCA's 128 rows)
         rows = min(kappa * ratio, 8)
     if num_warps is None:
         num_warps = 8 if rows * c >= 8192 else 4
+    if (kappa * ratio) % rows or c % split:
+        raise ValueError(f"rows={rows} must divide the {kappa * ratio} candidate rows, split={split} the {c} channels")
     pack = out.dtype == torch.uint8
-    max_entries = triton.cdiv(max_seqlen, ratio)
-    if split is None:  # few long (HCA) entries do not fill the GPU: pool each entry's channels in several programs
-        split = 4 if kv.is_cuda and kappa * ratio >= 64 and n_seq * max_entries < 4 * num_sms(kv.device) else 1
     pooled = counts = kv  # unused placeholders unless split
     if split > 1:
         pooled = torch.empty(n_seq * max_entries, c, device=kv.device, dtype=torch.float32)
@@ -239,7 +250,7 @@ def compress_tokens_triton(kv, score, ape, norm_weight, inv_freq, cu_seqlens, st
         RATIO=ratio, KAPPA=kappa, C=c, ROWS=rows, INDEXER=indexer, PACK_FP8=pack, ROPE=2 * inv_freq.numel(),
         QB=FP4_BLOCK if indexer else FP8_BLOCK, ROPE_OFF=KV_FP8_ROPE_OFFSET, SCALE_OFF=KV_FP8_SCALE_OFFSET,
         INTERP=INTERPRET, HAD_BUTTERFLY=hadamard == "butterfly", LOG2C=c.bit_length() - 1, SPLIT=split,
-        pooled_ptr=pooled, count_ptr=counts, num_warps=num_warps,
+        pooled_ptr=pooled, count_ptr=counts, num_warps=num_warps, num_stages=num_stages,
     )
     _state_append_kernel[(n_seq, kappa * ratio)](
         kv, score, kv.stride(0), ape, cu_seqlens, start_pos,

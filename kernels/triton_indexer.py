@@ -62,7 +62,14 @@ def _index_scores_kernel(
                 NB: tl.constexpr = DI // SB
                 page_ptr = keys_ptr + page * stride_page
                 sc_ptr = page_ptr + page_size * DI + slot * NB
-                if FP8_MODE == 2:
+                if FP8_MODE == 4:  # 2-D code tile, the scale gathered per element
+                    codes = tl.load(page_ptr[:, None] + slot[:, None] * DI + offs_d[None, :], mask=valid[:, None],
+                                    other=0)
+                    sc = tl.load(sc_ptr[:, None] + offs_d[None, :] // SB, mask=valid[:, None], other=127)
+                    scale = (sc.to(tl.int32) << 23).to(tl.float32, bitcast=True)
+                    k = (codes.to(tl.float8e4nv, bitcast=True).to(tl.float32) * scale).to(tl.bfloat16)
+                    s = dot(k, tl.trans(q_all), INTERP)  # [BLOCK_N, HI]
+                elif FP8_MODE == 2:
                     # power-of-two block scales applied to the per-block partial dots: no dequant of the keys
                     s = tl.zeros([BLOCK_N, HI], tl.float32)
                     for b in tl.static_range(NB):
@@ -84,6 +91,9 @@ def _index_scores_kernel(
                         kbits = codes.to(tl.float8e4nv, bitcast=True).to(tl.bfloat16).to(tl.int16, bitcast=True)
                         shift = ((sc.to(tl.int16) - 127) << 7)[:, :, None]
                         k3 = tl.where((kbits & 0x7FFF) != 0, kbits + shift, kbits).to(tl.bfloat16, bitcast=True)
+                    elif FP8_MODE == 3 and not INTERP:  # bf16 multiply by the scale (exact: a power of two)
+                        scale = (sc.to(tl.int16) << 7).to(tl.bfloat16, bitcast=True)
+                        k3 = codes.to(tl.float8e4nv, bitcast=True).to(tl.bfloat16) * scale[:, :, None]
                     else:
                         scale = (sc.to(tl.int32) << 23).to(tl.float32, bitcast=True)
                         k3 = (codes.to(tl.float8e4nv, bitcast=True).to(tl.float32) * scale[:, :, None]).to(tl.bfloat16)
@@ -104,9 +114,9 @@ def _index_scores_kernel(
             tl.store(out_ptrs, tl.full([BLOCK_N], float("-inf"), tl.float32), mask=e < n_max)
 
 
-def indexer_scores_triton(q, weights, keys, page_table, q_seq, n_avail, n_max, page_size=None, *, block_n=64,
-                          num_warps=4, num_stages=2, bf16_intermediates=False, fp8_mode=0,
-                          tiles_per_program=1):
+def indexer_scores_triton(q, weights, keys, page_table, q_seq, n_avail, n_max, page_size=None, *, block_n=None,
+                          num_warps=None, num_stages=2, bf16_intermediates=False, fp8_mode=0,
+                          tiles_per_program=None):
     t, hi, di = q.shape
     out = torch.empty(t, n_max, device=q.device, dtype=torch.float32)
     if t == 0 or n_max == 0:
@@ -115,6 +125,12 @@ def indexer_scores_triton(q, weights, keys, page_table, q_seq, n_avail, n_max, p
     if not fp8:
         page_size = keys.shape[1]
         keys = keys.flatten(0, 1)
+    # tuned on H100: small problems (latency-bound) one 64-entry tile per 8-warp program; large ones 4 tiles
+    # per 4-warp program (the query tile loaded once), FP8 keys in 128-entry tiles
+    large = t * triton.cdiv(n_max, 64) >= 2048
+    block_n = block_n or (128 if fp8 and t * n_max >= 1 << 20 else 64)
+    num_warps = num_warps or (4 if large else 8)
+    tiles_per_program = tiles_per_program or (4 if large else 1)
     n_tiles = triton.cdiv(n_max, block_n)
     _index_scores_kernel[(t, triton.cdiv(n_tiles, tiles_per_program))](
         q, q.stride(0), q.stride(1), weights, weights.stride(0),
@@ -205,25 +221,26 @@ def _topk_emit_kernel(scores_ptr, stride_s, n_avail_ptr, n_cols, k, work_ptr, st
     out_row = out_ptr + row64 * stride_o
     cbase = row64 * stride_c
     valid = offs < n
+    prefix, pos, n2 = _key_prefix16(w_row, kk, NBINS)  # meaningful when n > k
     if n <= k:  # all available entries, in place
         tl.store(out_row + offs, offs, mask=valid)
     elif tl.program_id(1) * CHUNK < n:
-        prefix, _, _ = _key_prefix16(w_row, kk, NBINS)
         key = _ordered_key(tl.load(scores_ptr + row64 * stride_s + offs, mask=valid, other=0.0))
         sel = valid & ((key >> 16) > prefix)
         cand = valid & ((key >> 16) == prefix)
-        n_sel = tl.sum(sel.to(tl.int32), 0)
-        n_cand = tl.sum(cand.to(tl.int32), 0)
+        # both running counts from one scan: selected in the high half, candidates in the low (CHUNK < 2**16)
+        both = tl.cumsum((sel.to(tl.int32) << 16) | cand.to(tl.int32), 0)
+        n_sel = tl.max(both, 0) >> 16
+        n_cand = tl.max(both, 0) & 0xFFFF
         if n_sel + n_cand > 0:
             base = tl.atomic_add(slots_cands, (n_sel.to(tl.int64) << 32) | n_cand.to(tl.int64))
-            tl.store(out_row + (base >> 32) + tl.cumsum(sel.to(tl.int32), 0) - 1, offs, mask=sel)
-            cpos = cbase + (base & 0xFFFFFFFF) + tl.cumsum(cand.to(tl.int32), 0) - 1
+            tl.store(out_row + (base >> 32) + (both >> 16) - 1, offs, mask=sel)
+            cpos = cbase + (base & 0xFFFFFFFF) + (both & 0xFFFF) - 1
             tl.store(cand_idx_ptr + cpos, offs, mask=cand)
             tl.store(cand_key_ptr + cpos, key.to(tl.int32, bitcast=True), mask=cand)
     # release this program's stores; the last one to arrive acquires everybody's
     if tl.atomic_add(w_row + 2 * NBINS + 2, 1) == tl.num_programs(1) - 1:
         if n > k:
-            prefix, pos, n2 = _key_prefix16(w_row, kk, NBINS)
             if n2 <= RANK_BLOCK:
                 _topk_rank_candidates(out_row, cand_idx_ptr, cand_key_ptr, cbase, n2, pos, kk - pos, RANK_BLOCK)
             else:
@@ -304,15 +321,17 @@ def _topk_select_candidates(out_row, cand_idx_ptr, cand_key_ptr, cbase, n2, pref
 
 
 def topk_indices_triton(scores: torch.Tensor, n_avail: torch.Tensor, k: int, *, chunk: int | None = None,
-                        block: int = 1024, rank_block: int = 128, num_warps: int = 8) -> torch.Tensor:
+                        block: int = 256, rank_block: int = 128, num_warps: int = 8) -> torch.Tensor:
     t, n = scores.shape
     out = torch.empty(t, k, device=scores.device, dtype=torch.int32)
     if t == 0 or k == 0:
         return out
-    if chunk is None:  # a few thousand scores per program; more programs for a few rows
-        chunk = 2048 if t < 8 else 4096
+    if chunk is None:  # a thousand or a few scores per program; more programs for a few rows (H100)
+        chunk = 1024 if t < 8 else 4096
     if n >= 1 << 31:
         raise ValueError(f"scores: at most 2**31 - 1 columns, got {n}")
+    if chunk is not None and chunk >= 1 << 16:
+        raise ValueError(f"chunk: must be < 65536, got {chunk}")
     # per row: digit-1 and digit-2 histograms, then counters: output slots | candidates (one int64),
     # finished programs, pad (rows stay 8-byte aligned)
     work = torch.zeros(t, 2 * NBINS + 4, device=scores.device, dtype=torch.int32)

@@ -134,7 +134,7 @@ def test_scores_match_reference(n_avail, q_seq, fp8, device, force_triton):
         assert rel_err(out[avail], ref[avail]) < 1e-5
 
 
-@pytest.mark.parametrize("fp8_mode", [0, 1, 2])
+@pytest.mark.parametrize("fp8_mode", [0, 1, 2, 3, 4])
 @pytest.mark.parametrize("tiles_per_program", [1, 3])
 def test_scores_kernel_variants(fp8_mode, tiles_per_program, device):
     """The FP8 dequantisation variants (fp32 multiply / exponent add / scales after per-block dots) and
@@ -197,7 +197,7 @@ def test_indexer_full_shapes_gpu(fp8):
 
 @pytest.mark.gpu
 @requires_gpu
-@pytest.mark.parametrize("fp8_mode,tiles_per_program", [(0, 1), (1, 4), (2, 4), (2, 1)])
+@pytest.mark.parametrize("fp8_mode,tiles_per_program", [(0, 1), (1, 4), (2, 4), (3, 1), (4, 4)])
 def test_indexer_variants_full_shapes_gpu(fp8_mode, tiles_per_program):
     from dsv4_agent.kernels.triton_indexer import indexer_scores_triton
 
