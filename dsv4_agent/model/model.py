@@ -6,7 +6,7 @@ packed FP4 + per-32 scales, BF16: ~1 / 0.5 / 2 bytes a parameter) and are dequan
 
 Tensor parallelism is injected (:class:`TensorParallel`): a factory for the split linears and an all-reduce.
 The plain model (``tp=None``) holds everything with its own :class:`Linear`; a serving engine passes its
-parallel layers, and each rank then holds its query heads / output groups / expert widths only.
+parallel layers, and each rank then holds its query heads / output groups / expert widths / vocabulary block.
 
 One forward call extends a batch of sequences (:class:`Step`), each from its own cached length by any
 number of tokens; dense work (projections, MoE) runs over all tokens of the batch together, attention per
@@ -30,7 +30,7 @@ from .ops import Numerics
 # ---------------------------------------------------------------------------------------------------------
 # Leaf modules
 # ---------------------------------------------------------------------------------------------------------
-Split = Literal["replicated", "column", "row"]
+Split = Literal["replicated", "column", "row", "vocab"]
 
 
 class Linear(nn.Module):
@@ -71,19 +71,23 @@ class TensorParallel:
     """How a model is split over ``size`` tensor-parallel ranks (the Megatron pattern SGLang shards DeepSeek by).
 
     ``linear(in_features, out_features, stored, gemm, split, prefix)`` builds this rank's part of a linear
-    (``split`` "column": output rows split; "row": input columns split, partial outputs; "replicated"), named
-    ``prefix`` in the checkpoint. ``all_reduce`` sums partial outputs over the ranks (may work in place).
+    (``split`` "column": output rows split; "row": input columns split, partial outputs; "vocab": output rows
+    split, outputs gathered, for the head; "replicated"), named ``prefix`` in the checkpoint.
+    ``embedding(vocab_size, dim)`` builds the token embedding (``module(ids)`` -> bf16 rows [n, dim], complete
+    on every rank). ``all_reduce`` sums partial outputs over the ranks (may work in place).
 
     * attention: query heads split in contiguous blocks (``wq_b`` rows, ``attn_sink``); the output groups follow
       their heads (``wo_a`` rows); ``wo_b`` is row-parallel and all-reduced. The single shared KV vector, the
       compressors and the indexer are computed redundantly on every rank (MQA: one KV head);
     * MoE: every expert's (and the shared expert's) intermediate dim is split (``w1`` / ``w3`` rows, ``w2``
       columns); the routed + shared sum is all-reduced once per layer;
-    * embedding, head, norms, mHC, the gate and the MTP projections are replicated.
+    * embedding and head: the vocabulary split in contiguous blocks (embedding rows summed, logits gathered);
+    * norms, mHC, the gate and the MTP projections are replicated.
     """
 
     size: int
     linear: Callable[[int, int, str, str, Split, str], LinearLike]
+    embedding: Callable[[int, int], nn.Module]
     all_reduce: Callable[[torch.Tensor], torch.Tensor]
 
     def check(self, cfg: DeepSeekV4Config) -> None:
@@ -97,7 +101,13 @@ def _plain_linear(in_features: int, out_features: int, stored: str, gemm: str, s
     return Linear(in_features, out_features, stored, gemm)
 
 
-SINGLE_RANK = TensorParallel(1, _plain_linear, lambda x: x)
+def _plain_embedding(vocab_size: int, dim: int) -> nn.Embedding:
+    embed = nn.Embedding(vocab_size, dim, dtype=torch.bfloat16)  # as stored; exact in any act dtype
+    embed.weight.requires_grad_(False)
+    return embed
+
+
+SINGLE_RANK = TensorParallel(1, _plain_linear, _plain_embedding, lambda x: x)
 
 
 class RMSNorm(nn.Module):
@@ -491,13 +501,12 @@ class DeepSeekV4(nn.Module):
         tp.check(cfg)
         self.config = cfg
         d, hc = cfg.hidden_size, cfg.hc_mult
-        self.embed = nn.Embedding(cfg.vocab_size, d, dtype=torch.bfloat16)  # as stored; exact in any act dtype
-        self.embed.weight.requires_grad_(False)
+        self.embed = tp.embedding(cfg.vocab_size, d)
         self.layers = nn.ModuleList(Block(cfg, i, tp, f"layers.{i}.") for i in range(cfg.n_layers))
         self.mtp = nn.ModuleList(MTPBlock(cfg, cfg.n_layers + k, tp, f"mtp.{k}.")
                                  for k in range(cfg.num_nextn_predict_layers))
         self.norm = RMSNorm(d, cfg.rms_norm_eps)
-        self.head = tp.linear(d, cfg.vocab_size, "bf16", "fp32", "replicated", "head")
+        self.head = tp.linear(d, cfg.vocab_size, "bf16", "fp32", "vocab", "head")
         self.hc_head_fn, self.hc_head_base, self.hc_head_scale = _param(hc, hc * d), _param(hc), _param(1)
 
     def new_sequence(self, pool: PagePool) -> SequenceCache:
@@ -506,7 +515,7 @@ class DeepSeekV4(nn.Module):
     def _head(self, X: torch.Tensor, fn, scale, base, norm: RMSNorm, num: Numerics) -> torch.Tensor:
         cfg = self.config
         h = ops.hc_head(X, fn, scale, base, norm_eps=cfg.rms_norm_eps, hc_eps=cfg.hc_eps)
-        return torch.nn.functional.linear(norm(h, num).float(), self.head.dequantized())
+        return self.head(norm(h, num).float(), num)
 
     def head_logits(self, streams: torch.Tensor, numerics: Numerics | str = "fp32") -> torch.Tensor:
         """Final hc_head + norm + head of main-model streams [n, hc, d] -> fp32 logits [n, vocab]."""
@@ -560,7 +569,7 @@ class DeepSeekV4(nn.Module):
                                           for st in steps])
         ctx = _Ctx(num, segs, positions.to(self.embed.weight.device), pool)
         ids = torch.cat([st.token_ids for st in steps]).long()
-        x = self.embed.weight[ids].to(num.act_dtype)
+        x = self.embed(ids).to(num.act_dtype)
         X = x[:, None, :].expand(-1, cfg.hc_mult, -1).contiguous()
         hidden = []
         for i, layer in enumerate(self.layers):
@@ -607,7 +616,7 @@ class DeepSeekV4(nn.Module):
         ctx = _Ctx(num, segs, positions.to(self.embed.weight.device), None)
         ids = torch.cat(next_ids).long()
         X = torch.cat(streams).to(num.act_dtype)
-        e = mtp.e_proj(mtp.enorm(self.embed.weight[ids].to(num.act_dtype), num), num)
+        e = mtp.e_proj(mtp.enorm(self.embed(ids).to(num.act_dtype), num), num)
         h = mtp.h_proj(mtp.hnorm(X, num), num)
         X = mtp((e[:, None, :] + h).to(num.act_dtype), ids, ctx, 0)
         logits = self._head(X, mtp.hc_head_fn, mtp.hc_head_scale, mtp.hc_head_base, mtp.norm, num)

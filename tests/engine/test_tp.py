@@ -15,6 +15,7 @@ import pickle
 import queue as queue_module
 import socket
 import sys
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -23,10 +24,10 @@ import torch
 import torch.multiprocessing as mp
 
 from dsv4_agent.model import DeepSeekV4, PagePool, Step, load_model, ops, save_random_checkpoint
-from dsv4_agent.model.model import SINGLE_RANK, TensorParallel
+from dsv4_agent.model.model import SINGLE_RANK
 from dsv4_agent.serve.cli import SHIM_DIR
 
-SHARDED = ("attn.wq_b.", "attn.wo_a.", "attn.wo_b.", "attn.attn_sink", "experts.")  # incl. shared_experts
+SHARDED = ("attn.wq_b.", "attn.wo_a.", "attn.wo_b.", "attn.attn_sink", "experts.", "embed.", "head.")
 
 
 def _run(model, prompts: list[list[int]], chunks: list[int]) -> list[torch.Tensor]:
@@ -93,6 +94,7 @@ def _worker(rank: int, size: int, port: int, ckpt: str, prompts, chunks, queue) 
             ("wq_b", m.layers[1].attn.wq_b), ("wo_a", m.layers[1].attn.wo_a), ("wo_b", m.layers[1].attn.wo_b),
             ("shared_w1", m.layers[1].ffn.shared_experts.w1), ("shared_w2", m.layers[1].ffn.shared_experts.w2),
             ("expert_w2", m.layers[2].ffn.experts[3].w2))}
+        parts.update(embed=(m.embed.weight.float(), None), head=(m.head.weight.float(), None))
         out = _run(m, prompts, chunks)
         # plain pickle copies the tensors: a rank may exit before the test reads its result
         queue.put(pickle.dumps((rank, out, _param_bytes(m), parts, m.layers[1].attn.attn_sink.clone())))
@@ -163,7 +165,7 @@ def test_two_ranks_match_one_and_hold_their_shard(tmp_path, tiny_config):
     for rank, _, _, parts, sink in two:
         for name, (w, _) in parts.items():
             whole = full[name][0]
-            if name in ("wq_b", "wo_a", "shared_w1"):  # column-parallel
+            if name in ("wq_b", "wo_a", "shared_w1", "embed", "head"):  # column- / vocab-parallel
                 n = whole.shape[0] // 2
                 assert torch.equal(w, whole[rank * n:(rank + 1) * n]), name
             else:
@@ -188,11 +190,10 @@ def test_two_ranks_match_one_and_hold_their_shard(tmp_path, tiny_config):
 
 
 def test_split_sizes_must_divide(tiny_config):
-    identity = SINGLE_RANK.all_reduce
     with pytest.raises(ValueError, match="num_attention_heads = 4"):
-        DeepSeekV4(tiny_config(), TensorParallel(3, SINGLE_RANK.linear, identity))
+        DeepSeekV4(tiny_config(), replace(SINGLE_RANK, size=3))
     with pytest.raises(ValueError, match="o_groups = 1"):
-        DeepSeekV4(tiny_config(o_groups=1), TensorParallel(2, SINGLE_RANK.linear, identity))
+        DeepSeekV4(tiny_config(o_groups=1), replace(SINGLE_RANK, size=2))
 
 
 def test_dequantize_a_shard_starting_inside_a_block():

@@ -23,7 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from sglang.srt.distributed.communication_op import tensor_model_parallel_all_reduce
+from sglang.srt.distributed.communication_op import (
+    tensor_model_parallel_all_gather,
+    tensor_model_parallel_all_reduce,
+)
 from sglang.srt.distributed.parallel_state import (
     get_tensor_model_parallel_rank,
     get_tensor_model_parallel_world_size,
@@ -32,6 +35,7 @@ from sglang.srt.distributed.utils import get_group_rank_size
 from sglang.srt.layers.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
 from sglang.srt.layers.logits_processor import LogitsProcessorOutput
 from sglang.srt.layers.quantization.base_config import LinearMethodBase, QuantizationConfig
+from sglang.srt.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 from sglang.srt.model_executor.forward_context import get_req_to_token_pool, get_token_to_kv_pool
 from sglang.srt.utils import set_weight_attrs
 from torch import nn
@@ -203,9 +207,24 @@ class V4ReplicatedLinear(_ModelLinear, ReplicatedLinear):
     pass
 
 
+class V4ParallelLMHead(ParallelLMHead):
+    """The head over SGLang's vocab-parallel layout: this rank's logits, gathered over the ranks and cut to the
+    vocabulary (SGLang pads the vocabulary at the end of the last rank's block), as its LogitsProcessor does."""
+
+    def forward(self, x: torch.Tensor, num: Numerics) -> torch.Tensor:
+        logits = ops.linear(x, self.weight.float(), "fp32", num)  # bf16 as stored, used in fp32 (spec 7)
+        if self.tp_size > 1:
+            logits = tensor_model_parallel_all_gather(logits.contiguous(), dim=-1)
+        return logits[..., :self.org_vocab_size]
+
+
 def sglang_linear(in_features: int, out_features: int, stored: str, gemm: str, split: Split,
                   prefix: str) -> nn.Module:
     """The :class:`TensorParallel` linear factory over SGLang's parallel layers."""
+    if split == "vocab":
+        if (stored, gemm) != ("bf16", "fp32"):
+            raise ValueError(f"{prefix}: the vocab-parallel head holds a bf16 weight used in fp32")
+        return V4ParallelLMHead(out_features, in_features, params_dtype=torch.bfloat16, prefix=prefix)
     quant = StoredWeights(stored, gemm)
     if split == "column":
         return V4ColumnParallelLinear(in_features, out_features, bias=False, quant_config=quant, prefix=prefix)
@@ -213,6 +232,11 @@ def sglang_linear(in_features: int, out_features: int, stored: str, gemm: str, s
         return V4RowParallelLinear(in_features, out_features, bias=False, reduce_results=False, quant_config=quant,
                                    prefix=prefix)
     return V4ReplicatedLinear(in_features, out_features, bias=False, quant_config=quant, prefix=prefix)
+
+
+def sglang_embedding(vocab_size: int, dim: int) -> nn.Module:
+    """The :class:`TensorParallel` embedding factory: SGLang's vocab-parallel embedding, bf16 as stored."""
+    return VocabParallelEmbedding(vocab_size, dim, params_dtype=torch.bfloat16)
 
 
 def _copy_loader(param: torch.Tensor, loaded: torch.Tensor) -> None:
@@ -231,7 +255,7 @@ class DSV4AgentForCausalLM(nn.Module):
         prev = torch.get_default_dtype()
         torch.set_default_dtype(torch.float32)  # norms, mHC, sinks: fp32 as the reference holds them
         try:
-            tp = TensorParallel(self.tp_size, sglang_linear, tensor_model_parallel_all_reduce)
+            tp = TensorParallel(self.tp_size, sglang_linear, sglang_embedding, tensor_model_parallel_all_reduce)
             self.model = DeepSeekV4(self.cfg, tp)
         finally:
             torch.set_default_dtype(prev)
