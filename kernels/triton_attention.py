@@ -246,18 +246,24 @@ def _combine_splits_kernel(part_acc_ptr, part_ml_ptr, sink_ptr, out_ptr, stride_
 
 def attn_config(n_queries: int, heads: int, max_keys: int, fp8: bool, device: torch.device, **overrides) -> dict:
     """Tile config: the dispatch default with `overrides` applied (block_h, block_n, num_splits,
-    v_splits, num_warps, num_stages, resolve: entry rows resolved once per program). All heads in one tile (up to 64); key splits up to one wave of
-    programs (one fits per SM: a second wave doubles the time). Few queries (latency-bound): 32-key
-    tiles and bf16 value halves (more programs in flight); many: 64-key tiles. Measured on H100
-    (benchmarks/kernels.py --sweep)."""
+    v_splits, num_warps, num_stages, resolve: entry rows resolved once per program).
+
+    All heads in one tile (up to 64); key splits up to one wave of programs (one fits per SM: a second
+    wave doubles the time). bf16: few queries (latency-bound) take 32-key tiles and value halves (more
+    programs in flight), many take 64-key tiles; entry rows resolved up front. FP8 (dequantisation in
+    registers): 32-key tiles, 3 stages, no halves or resolve. All measured on H100
+    (`benchmarks/kernels.py --sweep`, RESULTS.md)."""
     unknown = set(overrides) - {"block_h", "block_n", "num_splits", "v_splits", "num_warps", "num_stages", "resolve"}
     if unknown:
         raise ValueError(f"sparse_attn_triton: unknown config keys {sorted(unknown)}")
     block_h = min(64, max(16, triton.next_power_of_2(heads)))
     sms = num_sms(device)
     few = n_queries * triton.cdiv(heads, block_h) * 8 <= sms
-    cfg = dict(block_h=block_h, block_n=32 if few else 64, v_splits=2 if few and not fp8 else 1,
-               num_stages=3 if few else 2, resolve=False)
+    if fp8:
+        cfg = dict(block_h=block_h, block_n=32, v_splits=1, num_stages=3, resolve=False)
+    else:
+        cfg = dict(block_h=block_h, block_n=32 if few else 64, v_splits=2 if few else 1, num_stages=3 if few else 2,
+                   resolve=True)
     cfg.update({k: v for k, v in overrides.items() if v is not None})
     if cfg["v_splits"] not in (1, 2):
         raise ValueError(f"v_splits: expected 1 or 2, got {cfg['v_splits']}")
@@ -299,11 +305,10 @@ def sparse_attn_triton(
     cfg = attn_config(t, h, max_window + n_idx, fp8, q.device, **config)
     block_h, num_splits, v_splits = cfg["block_h"], cfg["num_splits"], cfg["v_splits"]
     n_hb = triton.cdiv(h, block_h)
-    n_programs = t * n_hb * num_splits * v_splits
-    # entries one program reads at most: its share of the (window + selected) key list, at most n_idx
-    per_split = triton.cdiv(triton.cdiv(max_window + n_idx, cfg["block_n"]), num_splits) * cfg["block_n"]
-    resolve = triton.next_power_of_2(min(per_split, n_idx)) if cfg["resolve"] and n_idx else 0
-    rows_buf = torch.empty(n_programs * resolve if resolve else 1, device=q.device, dtype=torch.int32)
+    # resolve: room for every selected entry in each program's row of rows_buf (a program resolves
+    # only its own share, whatever the window lengths)
+    resolve = triton.next_power_of_2(n_idx) if cfg["resolve"] and n_idx else 0
+    rows_buf = torch.empty(t * n_hb * num_splits * v_splits * resolve or 1, device=q.device, dtype=torch.int32)
     if num_splits > 1:
         part_acc = torch.empty(t * num_splits * h, d, device=q.device, dtype=torch.float32)
         part_ml = torch.empty(t * num_splits * h, 2, device=q.device, dtype=torch.float32)

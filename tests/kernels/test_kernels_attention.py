@@ -117,6 +117,27 @@ def test_decode_split_counts_agree(config, fp8, device):
     assert rel_err(out, ref) < TOL
 
 
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+def test_long_windows_with_resolved_rows(fp8, device):
+    """Window ranges longer than the decode window (generic `sparse_attn` layout) with the per-program
+    entry-row buffer: every program still finds room for its selected entries."""
+    case = _decode_case([300, 900], heads=16, k=24, page_size=8, device=device)
+    win = _model_kv(700, device=device)
+    start = torch.tensor([0, 250], dtype=torch.int32, device=device)
+    end = torch.tensor([230, 700], dtype=torch.int32, device=device)
+    q_seq = torch.arange(2, dtype=torch.int32, device=device)
+    ref = sparse_attn_ref(case["q"], case["sink"], win, start, end, case["cmp_kv"], case["page_table"],
+                          case["cmp_idx"], q_seq)
+    pool = case["cmp_kv"]
+    if fp8:
+        win, pool = pack_kv_fp8(win), pack_kv_fp8(pool)
+    for config in (dict(num_splits=3, resolve=True), dict(num_splits=1, v_splits=2, block_n=64, resolve=True)):
+        with poisoned_outputs():
+            out = sparse_attn_triton(case["q"], case["sink"], win, start, end, pool, case["page_table"],
+                                     case["cmp_idx"], q_seq, **config)
+        assert rel_err(out, ref) < TOL
+
+
 def test_decode_rejects_unknown_config(device):
     case = _decode_case([5], heads=4, k=4, page_size=4, device=device)
     start, end = decode_window_ranges(case["win_slot"], case["positions"])
@@ -205,9 +226,8 @@ def test_bad_inputs_name_the_field(device):
         sparse_attn_decode(**{**case, "win_ring": case["win_ring"][:, :64]})
 
 
-GPU_CONFIGS = {"default": {}, "v2": dict(v_splits=2), "v2w4": dict(v_splits=2, num_warps=4),
-               "n64s2": dict(block_n=64, num_stages=2), "split5": dict(num_splits=5),
-               "resolve": dict(resolve=True), "n64s2resolve": dict(block_n=64, num_stages=2, resolve=True)}
+GPU_CONFIGS = {"default": {}, "no_resolve": dict(resolve=False), "v2": dict(v_splits=2),
+               "n64s2": dict(block_n=64, num_stages=2), "split5resolve": dict(num_splits=5, resolve=True)}
 
 
 @pytest.mark.gpu
