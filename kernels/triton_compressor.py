@@ -208,7 +208,7 @@ def _hadamard_bf16(n: int, device: torch.device) -> torch.Tensor:
 
 def compress_tokens_triton(kv, score, ape, norm_weight, inv_freq, cu_seqlens, start_pos, state_kv, state_score,
                            state_slot, out, page_table, ratio, indexer=False, eps=1e-6, max_seqlen=None, *,
-                           rows=None, num_warps=None, num_stages=3, hadamard="butterfly", split=None):
+                           rows=None, num_warps=None, hadamard="butterfly", split=None):
     kappa = 2 if ratio == 4 else 1
     n_seq = start_pos.shape[0]
     kc = kv.shape[1]
@@ -250,7 +250,7 @@ def compress_tokens_triton(kv, score, ape, norm_weight, inv_freq, cu_seqlens, st
         RATIO=ratio, KAPPA=kappa, C=c, ROWS=rows, INDEXER=indexer, PACK_FP8=pack, ROPE=2 * inv_freq.numel(),
         QB=FP4_BLOCK if indexer else FP8_BLOCK, ROPE_OFF=KV_FP8_ROPE_OFFSET, SCALE_OFF=KV_FP8_SCALE_OFFSET,
         INTERP=INTERPRET, HAD_BUTTERFLY=hadamard == "butterfly", LOG2C=c.bit_length() - 1, SPLIT=split,
-        pooled_ptr=pooled, count_ptr=counts, num_warps=num_warps, num_stages=num_stages,
+        pooled_ptr=pooled, count_ptr=counts, num_warps=num_warps,
     )
     _state_append_kernel[(n_seq, kappa * ratio)](
         kv, score, kv.stride(0), ape, cu_seqlens, start_pos,

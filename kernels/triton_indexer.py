@@ -2,9 +2,7 @@
 
 Scoring: one program = one query x a strided set of BLOCK_N-entry tiles; the query's [H_I, D_I] tile is
 loaded once and `keys @ q^T` gives all heads at once, then ReLU, head weights and the head sum. FP8 keys
-(`FP8_MODE`): 0 = e4m3 -> fp32, times the block scale, -> bf16; 1 = e4m3 -> bf16 and the power-of-two
-scale added to the exponent bits; 2 = per 32-dim block `codes_b @ q_b^T`, the block scale applied to
-that partial dot (no dequantised key tile).
+are dequantised to bf16 in registers (e4m3 -> fp32, times the block scale).
 
 Top-k is a radix select on the order-preserving uint32 image of the fp32 scores, 8-bit digits, three
 launches over the same grid (a few thousand scores per program):
@@ -37,7 +35,7 @@ def _index_scores_kernel(
     keys_ptr, stride_page, page_size, pt_ptr, stride_pt, q_seq_ptr, n_avail_ptr,
     out_ptr, stride_ot, n_max,
     HI: tl.constexpr, DI: tl.constexpr, BLOCK_N: tl.constexpr, FP8: tl.constexpr, SB: tl.constexpr,
-    INTERP: tl.constexpr, BF16_STEPS: tl.constexpr, FP8_MODE: tl.constexpr,
+    INTERP: tl.constexpr, BF16_STEPS: tl.constexpr,
 ):
     t = tl.program_id(0)
     n = tl.minimum(tl.load(n_avail_ptr + t), n_max)
@@ -48,7 +46,7 @@ def _index_scores_kernel(
     if BF16_STEPS:
         w = round_bf16(w)
     seq = tl.load(q_seq_ptr + t).to(tl.int64)
-    # the query's tiles are loaded once and reused for every BLOCK_N tile of entries this program scores
+    # the query's tile is loaded once and reused for every BLOCK_N tile of entries this program scores
     q_all = tl.load(q_row + offs_d[None, :])
     for tile in range(tl.program_id(1), tl.cdiv(n_max, BLOCK_N), tl.num_programs(1)):
         e = tile * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -58,52 +56,25 @@ def _index_scores_kernel(
             page = tl.load(pt_ptr + seq * stride_pt + e // page_size, mask=valid, other=0).to(tl.int64)
             slot = e % page_size
             if FP8:
-                # page bytes: [page_size, DI] e4m3 codes, then [page_size, DI // SB] ue8m0 exponents
+                # page bytes: [page_size, DI] e4m3 codes, then [page_size, DI // SB] ue8m0 exponents. (Measured
+                # slower on H100: e4m3 -> bf16 with the scale as an exponent add or a bf16 multiply, a 2-D code
+                # tile with per-element scale gathers, per-block dots with the scale applied afterwards.)
                 NB: tl.constexpr = DI // SB
                 page_ptr = keys_ptr + page * stride_page
-                sc_ptr = page_ptr + page_size * DI + slot * NB
-                if FP8_MODE == 4:  # 2-D code tile, the scale gathered per element
-                    codes = tl.load(page_ptr[:, None] + slot[:, None] * DI + offs_d[None, :], mask=valid[:, None],
-                                    other=0)
-                    sc = tl.load(sc_ptr[:, None] + offs_d[None, :] // SB, mask=valid[:, None], other=127)
-                    scale = (sc.to(tl.int32) << 23).to(tl.float32, bitcast=True)
-                    k = (codes.to(tl.float8e4nv, bitcast=True).to(tl.float32) * scale).to(tl.bfloat16)
-                    s = dot(k, tl.trans(q_all), INTERP)  # [BLOCK_N, HI]
-                elif FP8_MODE == 2:
-                    # power-of-two block scales applied to the per-block partial dots: no dequant of the keys
-                    s = tl.zeros([BLOCK_N, HI], tl.float32)
-                    for b in tl.static_range(NB):
-                        offs_b = b * SB + tl.arange(0, SB)
-                        codes = tl.load(page_ptr[:, None] + slot[:, None] * DI + offs_b[None, :],
-                                        mask=valid[:, None], other=0)
-                        kb = codes.to(tl.float8e4nv, bitcast=True).to(tl.bfloat16)
-                        qb = tl.load(q_row + offs_b[None, :])
-                        sc = tl.load(sc_ptr + b, mask=valid, other=127)
-                        scale = (sc.to(tl.int32) << 23).to(tl.float32, bitcast=True)
-                        s += dot(kb, tl.trans(qb), INTERP) * scale[:, None]
-                else:
-                    blk = tl.arange(0, NB)[None, :, None]
-                    el = tl.arange(0, SB)[None, None, :]
-                    codes = tl.load(page_ptr[:, None, None] + slot[:, None, None] * DI + blk * SB + el,
-                                    mask=valid[:, None, None], other=0)  # [BLOCK_N, NB, SB]
-                    sc = tl.load(sc_ptr[:, None] + tl.arange(0, NB)[None, :], mask=valid[:, None], other=127)
-                    if FP8_MODE == 1:  # e4m3 -> bf16 is exact; the power-of-two scale is an exponent add
-                        kbits = codes.to(tl.float8e4nv, bitcast=True).to(tl.bfloat16).to(tl.int16, bitcast=True)
-                        shift = ((sc.to(tl.int16) - 127) << 7)[:, :, None]
-                        k3 = tl.where((kbits & 0x7FFF) != 0, kbits + shift, kbits).to(tl.bfloat16, bitcast=True)
-                    elif FP8_MODE == 3 and not INTERP:  # bf16 multiply by the scale (exact: a power of two)
-                        scale = (sc.to(tl.int16) << 7).to(tl.bfloat16, bitcast=True)
-                        k3 = codes.to(tl.float8e4nv, bitcast=True).to(tl.bfloat16) * scale[:, :, None]
-                    else:
-                        scale = (sc.to(tl.int32) << 23).to(tl.float32, bitcast=True)
-                        k3 = (codes.to(tl.float8e4nv, bitcast=True).to(tl.float32) * scale[:, :, None]).to(tl.bfloat16)
-                    k = tl.reshape(k3, (BLOCK_N, DI))
-                    s = dot(k, tl.trans(q_all), INTERP)  # [BLOCK_N, HI]
+                blk = tl.arange(0, NB)[None, :, None]
+                el = tl.arange(0, SB)[None, None, :]
+                codes = tl.load(page_ptr[:, None, None] + slot[:, None, None] * DI + blk * SB + el,
+                                mask=valid[:, None, None], other=0)  # [BLOCK_N, NB, SB]
+                sc = tl.load(page_ptr[:, None] + page_size * DI + slot[:, None] * NB + tl.arange(0, NB)[None, :],
+                             mask=valid[:, None], other=127)
+                scale = (sc.to(tl.int32) << 23).to(tl.float32, bitcast=True)
+                k3 = (codes.to(tl.float8e4nv, bitcast=True).to(tl.float32) * scale[:, :, None]).to(tl.bfloat16)
+                k = tl.reshape(k3, (BLOCK_N, DI))
             else:
                 rows = page * page_size + slot
                 k = tl.load(keys_ptr + rows[:, None] * stride_page + offs_d[None, :], mask=valid[:, None],
                             other=0.0)
-                s = dot(k, tl.trans(q_all), INTERP)  # [BLOCK_N, HI]
+            s = dot(k, tl.trans(q_all), INTERP)  # [BLOCK_N, HI]
             if BF16_STEPS:  # the reference model's bf16 tensors: dots, weighted terms and the head sum rounded
                 terms = round_bf16(tl.maximum(round_bf16(s), 0.0) * w[None, :])
                 score = round_bf16(tl.sum(terms, 1))
@@ -115,8 +86,7 @@ def _index_scores_kernel(
 
 
 def indexer_scores_triton(q, weights, keys, page_table, q_seq, n_avail, n_max, page_size=None, *, block_n=None,
-                          num_warps=None, num_stages=2, bf16_intermediates=False, fp8_mode=0,
-                          tiles_per_program=None):
+                          num_warps=None, bf16_intermediates=False, tiles_per_program=None):
     t, hi, di = q.shape
     out = torch.empty(t, n_max, device=q.device, dtype=torch.float32)
     if t == 0 or n_max == 0:
@@ -137,7 +107,7 @@ def indexer_scores_triton(q, weights, keys, page_table, q_seq, n_avail, n_max, p
         keys, keys.stride(0), page_size, page_table, page_table.stride(0), q_seq, n_avail,
         out, out.stride(0), n_max,
         HI=hi, DI=di, BLOCK_N=block_n, FP8=fp8, SB=FP4_BLOCK, INTERP=INTERPRET, BF16_STEPS=bf16_intermediates,
-        FP8_MODE=fp8_mode, num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps, num_stages=2,  # as measured (4 stages: no gain)
     )
     return out
 
@@ -221,26 +191,25 @@ def _topk_emit_kernel(scores_ptr, stride_s, n_avail_ptr, n_cols, k, work_ptr, st
     out_row = out_ptr + row64 * stride_o
     cbase = row64 * stride_c
     valid = offs < n
-    prefix, pos, n2 = _key_prefix16(w_row, kk, NBINS)  # meaningful when n > k
     if n <= k:  # all available entries, in place
         tl.store(out_row + offs, offs, mask=valid)
     elif tl.program_id(1) * CHUNK < n:
+        prefix, _, _ = _key_prefix16(w_row, kk, NBINS)
         key = _ordered_key(tl.load(scores_ptr + row64 * stride_s + offs, mask=valid, other=0.0))
         sel = valid & ((key >> 16) > prefix)
         cand = valid & ((key >> 16) == prefix)
-        # both running counts from one scan: selected in the high half, candidates in the low (CHUNK < 2**16)
-        both = tl.cumsum((sel.to(tl.int32) << 16) | cand.to(tl.int32), 0)
-        n_sel = tl.max(both, 0) >> 16
-        n_cand = tl.max(both, 0) & 0xFFFF
+        n_sel = tl.sum(sel.to(tl.int32), 0)
+        n_cand = tl.sum(cand.to(tl.int32), 0)
         if n_sel + n_cand > 0:
             base = tl.atomic_add(slots_cands, (n_sel.to(tl.int64) << 32) | n_cand.to(tl.int64))
-            tl.store(out_row + (base >> 32) + (both >> 16) - 1, offs, mask=sel)
-            cpos = cbase + (base & 0xFFFFFFFF) + (both & 0xFFFF) - 1
+            tl.store(out_row + (base >> 32) + tl.cumsum(sel.to(tl.int32), 0) - 1, offs, mask=sel)
+            cpos = cbase + (base & 0xFFFFFFFF) + tl.cumsum(cand.to(tl.int32), 0) - 1
             tl.store(cand_idx_ptr + cpos, offs, mask=cand)
             tl.store(cand_key_ptr + cpos, key.to(tl.int32, bitcast=True), mask=cand)
     # release this program's stores; the last one to arrive acquires everybody's
     if tl.atomic_add(w_row + 2 * NBINS + 2, 1) == tl.num_programs(1) - 1:
         if n > k:
+            prefix, pos, n2 = _key_prefix16(w_row, kk, NBINS)
             if n2 <= RANK_BLOCK:
                 _topk_rank_candidates(out_row, cand_idx_ptr, cand_key_ptr, cbase, n2, pos, kk - pos, RANK_BLOCK)
             else:
@@ -321,17 +290,19 @@ def _topk_select_candidates(out_row, cand_idx_ptr, cand_key_ptr, cbase, n2, pref
 
 
 def topk_indices_triton(scores: torch.Tensor, n_avail: torch.Tensor, k: int, *, chunk: int | None = None,
-                        block: int = 256, rank_block: int = 128, num_warps: int = 8) -> torch.Tensor:
+                        block: int | None = None, rank_block: int = 128, num_warps: int = 8) -> torch.Tensor:
     t, n = scores.shape
     out = torch.empty(t, k, device=scores.device, dtype=torch.int32)
     if t == 0 or k == 0:
         return out
-    if chunk is None:  # a thousand or a few scores per program; more programs for a few rows (H100)
+    # measured on H100: a thousand scores per program for a few rows, a few thousand for many; the
+    # candidate tile (used past rank_block candidates) small for a few rows
+    if chunk is None:
         chunk = 1024 if t < 8 else 4096
+    if block is None:
+        block = 256 if t < 8 else 1024
     if n >= 1 << 31:
         raise ValueError(f"scores: at most 2**31 - 1 columns, got {n}")
-    if chunk is not None and chunk >= 1 << 16:
-        raise ValueError(f"chunk: must be < 65536, got {chunk}")
     # per row: digit-1 and digit-2 histograms, then counters: output slots | candidates (one int64),
     # finished programs, pad (rows stay 8-byte aligned)
     work = torch.zeros(t, 2 * NBINS + 4, device=scores.device, dtype=torch.int32)

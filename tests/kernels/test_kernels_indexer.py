@@ -134,18 +134,18 @@ def test_scores_match_reference(n_avail, q_seq, fp8, device, force_triton):
         assert rel_err(out[avail], ref[avail]) < 1e-5
 
 
-@pytest.mark.parametrize("fp8_mode", [0, 1, 2, 3, 4])
-@pytest.mark.parametrize("tiles_per_program", [1, 3])
-def test_scores_kernel_variants(fp8_mode, tiles_per_program, device):
-    """The FP8 dequantisation variants (fp32 multiply / exponent add / scales after per-block dots) and
-    programs that loop over several entry tiles agree with the reference."""
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+@pytest.mark.parametrize("block_n,tiles_per_program", [(64, 1), (32, 3), (128, 2)])
+def test_scores_tilings(fp8, block_n, tiles_per_program, device):
+    """Programs that loop over several entry tiles (strided), and other tile sizes, agree with the reference."""
     from dsv4_agent.kernels.triton_indexer import indexer_scores_triton
 
     case = _index_case([5, 300, 64, 1, 0], [2, 0, 1, 1, 0], heads=16, page_size=16, device=device)
     ref = indexer_scores_ref(**case)
-    case = {**case, "keys": pack_index_keys_fp8(case["keys"]), "page_size": 16}
+    if fp8:
+        case = {**case, "keys": pack_index_keys_fp8(case["keys"]), "page_size": 16}
     with poisoned_outputs():
-        out = indexer_scores_triton(**case, fp8_mode=fp8_mode, tiles_per_program=tiles_per_program)
+        out = indexer_scores_triton(**case, block_n=block_n, tiles_per_program=tiles_per_program)
     avail = torch.isfinite(ref)
     assert torch.equal(torch.isfinite(out), avail) and bool((out[~avail] == float("-inf")).all())
     assert rel_err(out[avail], ref[avail]) < 1e-5
@@ -197,8 +197,8 @@ def test_indexer_full_shapes_gpu(fp8):
 
 @pytest.mark.gpu
 @requires_gpu
-@pytest.mark.parametrize("fp8_mode,tiles_per_program", [(0, 1), (1, 4), (2, 4), (3, 1), (4, 4)])
-def test_indexer_variants_full_shapes_gpu(fp8_mode, tiles_per_program):
+@pytest.mark.parametrize("block_n,tiles_per_program", [(64, 1), (64, 4), (128, 4)])
+def test_indexer_tilings_full_shapes_gpu(block_n, tiles_per_program):
     from dsv4_agent.kernels.triton_indexer import indexer_scores_triton
 
     n_avail = [65537, 513, 1, 0]
@@ -206,7 +206,7 @@ def test_indexer_variants_full_shapes_gpu(fp8_mode, tiles_per_program):
     ref = indexer_scores_ref(**case)
     case = {**case, "keys": pack_index_keys_fp8(case["keys"]), "page_size": 64}
     with poisoned_outputs():
-        out = indexer_scores_triton(**case, fp8_mode=fp8_mode, tiles_per_program=tiles_per_program)
+        out = indexer_scores_triton(**case, block_n=block_n, tiles_per_program=tiles_per_program)
     avail = torch.isfinite(ref)
     assert torch.equal(torch.isfinite(out), avail)
     assert rel_err(out[avail], ref[avail]) < 1e-5
