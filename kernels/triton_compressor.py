@@ -82,7 +82,10 @@ def _compress_entry_kernel(
         CS: tl.constexpr = C // SPLIT  # channels pooled by this program (program_id(2) picks the slice)
         slot = tl.load(slot_ptr + b).to(tl.int64)
         ch = tl.arange(0, C)
-        cs = tl.program_id(2) * CS + tl.arange(0, CS)
+        if SPLIT > 1:
+            cs = tl.program_id(2) * CS + tl.arange(0, CS)
+        else:  # the whole entry: plain channel offsets (addressing as before the split existed)
+            cs = ch
         m_c = tl.full([CS], float("-inf"), tl.float32)
         l_c = tl.zeros([CS], tl.float32)
         acc = tl.zeros([CS], tl.float32)
