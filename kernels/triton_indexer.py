@@ -8,9 +8,11 @@ Top-k is a radix select on the order-preserving uint32 image of the fp32 scores,
 launches over the same grid (a few thousand scores per program):
 1. histogram of digit 1 (top 8 bits) of all available scores (atomics per bin);
 2. histogram of digit 2 of the scores whose digit 1 is the threshold (the k-th key's);
-3. scores above the k-th key's top 16 bits go straight to the output (atomic slot counter), those equal
-   to them to a short candidate list; the program that finishes last resolves digits 3-4 on that list
-   (in registers when it fits one tile), takes exact ties in list order and pads with -1.
+3. scores above the k-th key's top 16 bits go straight to the output (one atomic slot/candidate counter),
+   those equal to them to a short candidate list; the program that finishes last (per row) picks the rest
+   of that list by pairwise rank when it is short (exact ties: smaller index first), else by digits 3-4
+   (in registers when the list fits one tile, streamed otherwise; exact ties in list order), and pads
+   with -1.
 """
 
 from __future__ import annotations
