@@ -127,10 +127,9 @@ def model_kv(*shape):
 ATTN_CONFIGS = {  # overrides of the dispatch default (`triton_attention.attn_config`)
     "default": {},
     "no_resolve": dict(resolve=False),
-    "resolve": dict(resolve=True),
     "n32s3v1": dict(block_n=32, num_stages=3, v_splits=1),
     "n64s2v1": dict(block_n=64, num_stages=2, v_splits=1),
-    "v2n32s3": dict(block_n=32, num_stages=3, v_splits=2),
+    "h16w4": dict(block_h=16, num_warps=4, block_n=32, num_stages=3, v_splits=1),  # mma.sync tiles, 4x the programs
 }
 
 

@@ -101,11 +101,12 @@ def test_decode_matches_reference(name, fp8, device, force_triton):
 SPLIT_CONFIGS = {"s1": dict(num_splits=1), "s2": dict(num_splits=2), "s8": dict(num_splits=8),
                  "s1v2": dict(num_splits=1, v_splits=2), "s3v2n16": dict(num_splits=3, v_splits=2, block_n=16),
                  "s3resolve": dict(num_splits=3, resolve=True),
-                 "s1v2resolve": dict(num_splits=1, v_splits=2, resolve=True)}
+                 "s1v2resolve": dict(num_splits=1, v_splits=2, resolve=True),
+                 "h16s2": dict(block_h=16, num_splits=2, resolve=True)}  # 2 head tiles, the second partial
 
 
 @pytest.mark.parametrize("fp8,name", [(False, name) for name in SPLIT_CONFIGS]
-                         + [(True, name) for name in ("s8", "s1v2", "s3v2n16", "s3resolve")])
+                         + [(True, name) for name in ("s8", "s1v2", "s3v2n16", "s3resolve", "h16s2")])
 def test_decode_split_counts_agree(name, fp8, device):
     """Key splits (partials merged by the combine kernel) and value halves give the same result."""
     case = _decode_case([5, 300, 77], heads=20, k=32, page_size=8, device=device)  # heads not a block multiple
