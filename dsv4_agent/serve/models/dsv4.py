@@ -107,7 +107,7 @@ class StoredWeightMethod(LinearMethodBase):
     This rank's part of W [out, in] is rows [r0, r0 + rows) x columns [c0, c0 + cols) (column-parallel: rows
     split; row-parallel: columns split). The FP8 scale keeps the 128 x 128 blocks that part touches and the
     layer remembers where the part starts inside its first block (``block_offset``): with split widths that are
-    not multiples of 128 (e.g. V4-Flash's wo_a groups at TP 16, any tiny model) a block straddles two ranks,
+    not multiples of 128 (small models; V4-Flash / Pro at TP <= 8 are block-aligned) a block straddles two ranks,
     which SGLang's own ``narrow``-by-shard-size loader cannot express, so the loaders here slice by element.
     """
 
