@@ -124,7 +124,7 @@ def checked_ops(monkeypatch):
 def _logits(model, ids, prefix, chunks, kernels, monkeypatch, numerics="quant"):
     """Logits of the tokens after ``prefix`` (prefilled on the PyTorch path), run in ``chunks``."""
     monkeypatch.setenv("DSV4_KERNELS", "torch")
-    seq = model.new_sequence(PagePool(model.config, 4))
+    seq = model.new_sequence(PagePool(model.config, 4, device=DEVICE))
     if prefix:
         model.forward([Step(seq, ids[:prefix])], numerics=numerics, compute_logits=False)
     monkeypatch.setenv("DSV4_KERNELS", kernels)
@@ -137,7 +137,7 @@ def _logits(model, ids, prefix, chunks, kernels, monkeypatch, numerics="quant"):
 
 @pytest.fixture(scope="module")
 def golden_model():
-    return load_model(SHARED / "conformance" / "model" / "t1-mixed")
+    return load_model(SHARED / "conformance" / "model" / "t1-mixed").to(DEVICE)
 
 
 @pytest.fixture(scope="module")
@@ -148,11 +148,11 @@ def smooth_model(tmp_path_factory):
     hf.update(compress_ratios=[128, 4, 0], num_hidden_layers=2, num_hash_layers=2, index_topk=512, sliding_window=8,
               vocab_size=64)
     cfg = DeepSeekV4Config.from_hf(hf)
-    return load_model(save_random_checkpoint(cfg, tmp_path_factory.mktemp("smooth"), seed=5))
+    return load_model(save_random_checkpoint(cfg, tmp_path_factory.mktemp("smooth"), seed=5)).to(DEVICE)
 
 
 def _ids(model, n):
-    return torch.randint(0, model.config.vocab_size, (n,), generator=torch.Generator().manual_seed(7))
+    return torch.randint(0, model.config.vocab_size, (n,), generator=torch.Generator().manual_seed(7)).to(DEVICE)
 
 
 @pytest.mark.parametrize("prefix,chunks", [
@@ -186,7 +186,9 @@ def test_smooth_model_forward(numerics, smooth_model, monkeypatch, checked_ops):
     spread = rel_err(_logits(smooth_model, ids, 120, [5, 4, 1, 1], "torch", monkeypatch, numerics), ref)
     err = rel_err(out, ref)
     # measured: bf16 + KV simulation 0.009 (own spread 0.006); quant 0.043 (own spread 0.029): FP8 activation
-    # quantization turns one-ulp differences into whole FP8 steps, in either path
-    assert err < 3 * spread
+    # quantization turns one-ulp differences into whole FP8 steps, in either path. On CUDA the PyTorch path can be
+    # chunking-invariant (spread 0; measured on an H100: bf16 + KV simulation 0.004, quant 0.018), so the bound has
+    # a floor: bf16 tolerance, or a few FP8 steps' worth with FP8 activations
+    assert err < max(3 * spread, 2e-2 if numerics is BF16_KV_SIM else 5e-2)
     if numerics is BF16_KV_SIM:  # without FP8 activations: within bf16 tolerance end to end
         assert err < 2e-2
