@@ -29,10 +29,10 @@ import triton
 from dsv4_agent.kernels import (
     compress_tokens_ref,
     fp4_fake_quant,
-    fp8_fake_quant,
     hc_post_ref,
     hc_pre_ref,
     indexer_scores_ref,
+    kv_fp8_sim,
     pack_index_keys_fp8,
     pack_kv_fp8,
     sparse_attn_ref,
@@ -120,8 +120,7 @@ def record(op, shape, us, nbytes, copy_gbs, torch_us=None, note=""):
 
 
 def model_kv(*shape):
-    kv = torch.randn(*shape, D, device="cuda").bfloat16()
-    return torch.cat([fp8_fake_quant(kv[..., :448]), kv[..., 448:]], -1)
+    return kv_fp8_sim(torch.randn(*shape, D, device="cuda").bfloat16())
 
 
 ATTN_CONFIGS = {  # overrides of the dispatch default (`triton_attention.attn_config`)
