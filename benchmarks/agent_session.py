@@ -14,7 +14,7 @@ the issue): SWE-agent / OpenHands / mini-swe-agent send a system prompt with ins
 several thousand tokens on every turn (``--system-tokens 4000``), one tool call per assistant turn
 (``--new-tokens 48``), tool results of 100-2000 tokens (``--result-min/--result-max``, log-uniform: many small
 outputs, a few whole files), sessions of 20-50 turns (``--turns 30``). Token counts are in the embedded tiny
-model's 2048-token BPE, which spends ~1.5x more tokens on English than a 128k vocabulary.
+model's 2048-token BPE (more tokens per word than V4's own vocabulary).
 
 The cached share of a turn is bounded by the workload: (prompt - new tokens) / prompt, since the tool result
 it appends was never seen. The report gives the aggregate over turns >= 2 and the share at each turn index.
