@@ -246,12 +246,12 @@ def test_chat_echoed_tool_call_with_reserialised_arguments(servers):
     as_sent = tok.encode(encode_segments(normalize_messages(messages, tools=tools), "chat"))
     assert as_sent[:len(prompt1) + len(reply1)] != prompt1 + reply1  # the client's key order renders otherwise
 
-    second, usage = chat(on, messages)
+    second, usage = chat(on, messages, max_tokens=8)
     assert tok.control_ids(reply1).count(tok.token_id(DSML)) == 10  # every marker is the control token
     generated = reply1 + [tok.token_id(EOS)] * (reply1[-1] != tok.token_id(EOS))  # the EOS may be stripped
     assert second["prompt_token_ids"][:len(prompt1) + len(generated)] == prompt1 + generated
     # every generated token but the last (the EOS it sampled) was fed to the model and is reused
     assert usage["prompt_tokens_details"]["cached_tokens"] == len(prompt1) + len(generated) - 1
-    second_off, _ = chat(off, messages)
+    second_off, _ = chat(off, messages, max_tokens=8)
     assert second_off["prompt_token_ids"] == second["prompt_token_ids"]
     assert second_off["response_token_ids"] == second["response_token_ids"]
