@@ -61,7 +61,8 @@ def reply(arguments: str, call_id: str = "call_1", content: str = CONTENT, reaso
     return msg if reasoning is None else {**msg, "reasoning_content": reasoning}
 
 
-def turn(adapter: DSV4EncodingAdapter, echoed: dict, thinking: bool = False) -> list[dict]:
+def turn(echoed: dict) -> list[dict]:
+    """The history, the echoed assistant turn and its tool result."""
     return [*HISTORY, echoed, {"role": "tool", "tool_call_id": echoed["tool_calls"][0]["id"], "content": "x = 1"}]
 
 
@@ -93,11 +94,11 @@ def test_reserialised_arguments_get_generated_ids(adapter, thinking, variant):
     prompt1 = official_ids(adapter, HISTORY, thinking)
 
     client = reply(rewrites(MODEL_ARGS)[variant], call_id="call_client", reasoning=produced.get("reasoning_content"))
-    messages = turn(adapter, client)
+    messages = turn(client)
     ids = encode(adapter, messages, thinking)
     assert ids[:len(prompt1) + len(generated)] == prompt1 + generated  # resumes after the whole reply
     # the prompt is the official rendering of the messages with the turn the model actually produced
-    produced_messages = turn(adapter, {**produced, "tool_calls": [{**produced["tool_calls"][0], "id": "call_client"}]})
+    produced_messages = turn({**produced, "tool_calls": [{**produced["tool_calls"][0], "id": "call_client"}]})
     assert adapter.tokenizer.decode(ids) == adapter.tokenizer.decode(official_ids(adapter, produced_messages, thinking))
     if variant in (0, 2):  # another key order renders another DSML block: the plain path would miss it
         assert adapter.tokenizer.decode(official_ids(adapter, messages, thinking)) != adapter.tokenizer.decode(ids)
@@ -112,14 +113,14 @@ def test_reserialised_arguments_get_generated_ids(adapter, thinking, variant):
 def test_other_arguments_fall_back(adapter, change):
     generated = model_ids(adapter, render_assistant(reply(MODEL_ARGS), "chat"))
     adapter.remember_completion(generated)
-    messages = turn(adapter, reply(change(MODEL_ARGS)))
+    messages = turn(reply(change(MODEL_ARGS)))
     assert encode(adapter, messages) == official_ids(adapter, messages)
 
 
 def test_other_content_or_name_falls_back(adapter):
     adapter.remember_completion(model_ids(adapter, render_assistant(reply(MODEL_ARGS), "chat")))
     for echoed in (reply(MODEL_ARGS, content=CONTENT + " "), {**reply(MODEL_ARGS), "content": None}):
-        messages = turn(adapter, echoed)
+        messages = turn(echoed)
         assert encode(adapter, messages) == official_ids(adapter, messages)
 
 
@@ -128,5 +129,5 @@ def test_non_canonical_typed_value_is_not_spliced(adapter):
     text in an official prompt; it is tokenized as usual."""
     text = render_assistant(reply('{"lines": [1, 2]}'), "chat").replace("[1, 2]", "[1,2]")
     adapter.remember_completion(model_ids(adapter, text))
-    messages = turn(adapter, reply('{"lines": [1,2]}'))
+    messages = turn(reply('{"lines": [1,2]}'))
     assert encode(adapter, messages) == official_ids(adapter, messages)
