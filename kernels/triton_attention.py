@@ -189,7 +189,7 @@ def _attend(
         tl.store(part_acc_ptr + base[:, None] * D + offs_v[None, :], acc, mask=mask_h[:, None] & mask_v[None, :])
         if own_rope:
             tl.store(part_acc_ptr + base[:, None] * D + offs_r[None, :], acc_rope, mask=mask_h[:, None])
-        if v_half == 0:  # both halves hold the same (max, sum)
+        if v_half == 0:  # both halves hold the row's (max, sum), equal up to summation order: keep half 0's
             tl.store(part_ml_ptr + base * 2, m_i, mask=mask_h)
             tl.store(part_ml_ptr + base * 2 + 1, l_i, mask=mask_h)
 

@@ -84,7 +84,7 @@ def _compress_entry_kernel(
         ch = tl.arange(0, C)
         if SPLIT > 1:
             cs = tl.program_id(2) * CS + tl.arange(0, CS)
-        else:  # the whole entry: plain channel offsets (addressing as before the split existed)
+        else:  # the whole entry: plain channel offsets
             cs = ch
         m_c = tl.full([CS], float("-inf"), tl.float32)
         l_c = tl.zeros([CS], tl.float32)
@@ -115,7 +115,10 @@ def _compress_entry_kernel(
             # each slice stores its channels; the program finishing the entry last post-processes it
             entry = b.to(tl.int64) * tl.num_programs(1) + tl.program_id(1)
             tl.store(pooled_ptr + entry * C + cs, x)
-            done = tl.atomic_add(count_ptr + entry, 1) == SPLIT - 1  # acq_rel: sees the other slices' stores
+            # a scalar atomic is issued by one thread, so the barrier orders every thread's stores before its
+            # release; acq_rel then lets the last slice see the other slices' stores
+            tl.debug_barrier()
+            done = tl.atomic_add(count_ptr + entry, 1, sem="acq_rel", scope="gpu") == SPLIT - 1
             x = tl.load(pooled_ptr + entry * C + ch, mask=done & (ch >= 0), other=0.0, cache_modifier=".cg")
         else:
             done = True
@@ -234,7 +237,7 @@ def compress_tokens_triton(kv, score, ape, norm_weight, inv_freq, cu_seqlens, st
         else:
             split, rows, num_warps = min(4, c // 128), rows or 16, num_warps or 1
     split = split or 1
-    if rows is None:  # candidate rows per tile (H100: 8 beat 32 for HCA's 128 rows)
+    if rows is None:  # candidate rows per tile (CSA, and HCA without CUDA: 8 measured best on H100 before the split)
         rows = min(kappa * ratio, 8)
     if num_warps is None:
         num_warps = 8 if rows * c >= 8192 else 4

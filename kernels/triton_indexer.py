@@ -98,7 +98,7 @@ def indexer_scores_triton(q, weights, keys, page_table, q_seq, n_avail, n_max, p
         page_size = keys.shape[1]
         keys = keys.flatten(0, 1)
     # tuned on H100: small problems (latency-bound) one 64-entry tile per 8-warp program; large ones 4 tiles
-    # per 4-warp program (the query tile loaded once), FP8 keys in 128-entry tiles
+    # per 4-warp program (the query tile loaded once), FP8 keys in 128-entry tiles once t * n >= 2^20
     large = t * triton.cdiv(n_max, 64) >= 2048
     block_n = block_n or (128 if fp8 and t * n_max >= 1 << 20 else 64)
     num_warps = num_warps or (4 if large else 8)
@@ -208,8 +208,10 @@ def _topk_emit_kernel(scores_ptr, stride_s, n_avail_ptr, n_cols, k, work_ptr, st
             cpos = cbase + (base & 0xFFFFFFFF) + tl.cumsum(cand.to(tl.int32), 0) - 1
             tl.store(cand_idx_ptr + cpos, offs, mask=cand)
             tl.store(cand_key_ptr + cpos, key.to(tl.int32, bitcast=True), mask=cand)
-    # release this program's stores; the last one to arrive acquires everybody's
-    if tl.atomic_add(w_row + 2 * NBINS + 2, 1) == tl.num_programs(1) - 1:
+    # release this program's stores; the last one to arrive acquires everybody's. A scalar atomic is issued by
+    # one thread, so its release covers only that thread's stores: the barrier orders every thread's first.
+    tl.debug_barrier()
+    if tl.atomic_add(w_row + 2 * NBINS + 2, 1, sem="acq_rel", scope="gpu") == tl.num_programs(1) - 1:
         if n > k:
             prefix, pos, n2 = _key_prefix16(w_row, kk, NBINS)
             if n2 <= RANK_BLOCK:
