@@ -370,6 +370,7 @@ class Attention(nn.Module):
             z = torch.einsum("ngi,gri->ngr", o.to(torch.bfloat16), wo_a.to(torch.bfloat16))
         else:
             z = torch.einsum("ngi,gri->ngr", o.float(), wo_a)
+        # partial outputs summed in act_dtype (as SGLang reduces a row-parallel output); the MoE sums in fp32
         return self.all_reduce(self.wo_b(z.flatten(1), num))
 
     def _commit(self, seg: _Segment, slot: int, old: LayerTail, win: torch.Tensor, w_lo: int,

@@ -224,7 +224,7 @@ def rope_tail(x: torch.Tensor, positions: torch.Tensor, freqs: torch.Tensor, inv
 def linear(x: torch.Tensor, weight: torch.Tensor, gemm: str, num: Numerics) -> torch.Tensor:
     """y = x @ W^T for x [..., in], W fp32 [out, in] (already dequantized).
 
-    ``gemm`` is how the reference keeps the weight at run time: "fp8" / "fp4" (quantized GEMM: activation
+    ``gemm`` is the precision the reference multiplies in: "fp8" / "fp4" (quantized GEMM: activation
     FP8-quantized in blocks of 128, fp32 accumulation, output ``act_dtype``), "bf16" (bf16 GEMM) or "fp32".
     In the fp32 modes every kind is a plain fp32 matmul.
     """

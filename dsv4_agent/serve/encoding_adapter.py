@@ -187,6 +187,12 @@ def completion_key(message: dict[str, Any], mode: str) -> bytes:
     return hashlib.sha256(json.dumps(meaning, ensure_ascii=False).encode("utf-8", "surrogatepass")).digest()
 
 
+def rendered_key(text: str, mode: str) -> bytes:
+    """An assistant turn's exact rendered text in `mode` (looked up before its meaning, so a client echoing a
+    reply unchanged gets that reply's own ids even when another reply had the same meaning)."""
+    return hashlib.sha256(f"{mode}\0{text}".encode("utf-8", "surrogatepass")).digest()
+
+
 def _clean(message: dict[str, Any]) -> dict[str, Any]:
     """SGLang's dumped message -> the client-shaped dict `normalize_messages` expects (no null fields)."""
     out = {k: v for k, v in message.items() if v is not None and k not in _SGLANG_ONLY_FIELDS}
@@ -265,6 +271,7 @@ class DSV4EncodingAdapter:
         for mode in ("chat", "thinking"):
             message = parse_completion(text, mode, id_factory=str)
             if "incomplete_tool_call" not in message and self._renders(message, mode) == text:
+                self.completions.put(rendered_key(text, mode), ids)
                 self.completions.put(completion_key(message, mode), ids)
 
     @staticmethod
@@ -277,12 +284,18 @@ class DSV4EncodingAdapter:
             return None
 
     def _echoed_completions(self, messages: list[dict[str, Any]], mode: str) -> list[tuple[str, list[int]]]:
-        """(rendered text, generated ids) of every assistant message whose meaning is a stored completion, in
-        order. Each such message gets the model's own tool-call arguments (in place; the client's call ids
-        stay), so it renders to exactly the text the model wrote."""
+        """(rendered text, generated ids) of every assistant message that is a stored completion, in order: by
+        its exact rendering first, else by its meaning; a message found by meaning gets the model's own
+        tool-call arguments (in place; the client's call ids stay), so it renders to exactly the text the
+        model wrote."""
         found: list[tuple[str, list[int]]] = []
         for msg in messages:
             if msg.get("role") != "assistant":
+                continue
+            rendered = self._renders(msg, mode)
+            generated = self.completions.get(rendered_key(rendered, mode)) if rendered is not None else None
+            if generated is not None:
+                found.append((rendered, generated))
                 continue
             generated = self.completions.get(completion_key(msg, mode))
             if generated is None:

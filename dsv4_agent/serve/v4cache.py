@@ -12,7 +12,8 @@ Hooks used (SGLang 0.5.23, pinned), all gated on our architecture name and falli
   ``loc // 128``) and hook row allocation (``register_on_alloc_rows``) so that no request reads a state
   left in its row by a previous request. SGLang's stock paged allocator is built around it.
 * AROUND ``ModelConfig._parse_quant_hf_config``: no SGLang quantization method for our checkpoints (our
-  loader dequantizes FP8/FP4 weights; SGLang's fp8 method would refuse fp32 and replace our linears).
+  linears bring their own ``StoredWeightMethod`` for the FP8/FP4 tensors; SGLang's fp8 method is CUDA-only
+  and would replace it).
 * ``register_radix_cache_backend("v4tail", ...)``: :class:`dsv4_agent.serve.v4radix.V4TailRadixCache`,
   SGLang's RadixCache plus resume states on nodes (exact resume at any position). ``radix_cache_backend``
   is not model-overridable, so an AROUND hook on ``registry.default_radix_cache_factory`` picks the same
@@ -43,8 +44,9 @@ def _overrides(server_args, hf_config) -> dict:
 
 
 def _no_sglang_quantization(original, model_config, *args, **kwargs):
-    """AROUND hook on ``ModelConfig._parse_quant_hf_config``: our loader dequantizes the released FP8/FP4
-    weights itself, so SGLang's quantization methods must not see the checkpoint's quantization_config."""
+    """AROUND hook on ``ModelConfig._parse_quant_hf_config``: our linears keep and dequantize the released
+    FP8/FP4 weights themselves, so SGLang's quantization methods must not see the checkpoint's
+    quantization_config."""
     from dsv4_agent.serve.v4pool import is_ours
 
     if is_ours(model_config.hf_config):

@@ -131,3 +131,21 @@ def test_non_canonical_typed_value_is_not_spliced(adapter):
     adapter.remember_completion(model_ids(adapter, text))
     messages = turn(reply('{"lines": [1,2]}'))
     assert encode(adapter, messages) == official_ids(adapter, messages)
+
+
+def test_unchanged_echo_gets_its_own_reply_when_another_had_the_same_meaning(adapter):
+    """Two sessions' replies equal as JSON but written in other key orders: each echoed unchanged gets its own
+    generated ids (found by its exact rendering), not the later reply's."""
+    first = render_assistant(reply(MODEL_ARGS), "chat")
+    other_order = json.dumps(dict(reversed(json.loads(MODEL_ARGS).items())), ensure_ascii=False)
+    second = render_assistant(reply(other_order), "chat")
+    assert first != second
+    first_ids, second_ids = model_ids(adapter, first), model_ids(adapter, second)
+    adapter.remember_completion(first_ids)
+    adapter.remember_completion(second_ids)  # same meaning: replaces the first under the meaning key
+    prompt1 = official_ids(adapter, HISTORY)
+    for args, generated in ((MODEL_ARGS, first_ids), (other_order, second_ids)):
+        messages = turn(reply(args))
+        ids = encode(adapter, messages)
+        assert ids[:len(prompt1) + len(generated)] == prompt1 + generated
+        assert adapter.tokenizer.decode(ids) == adapter.tokenizer.decode(official_ids(adapter, messages))
