@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import pickle
 import queue as queue_module
-import socket
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch.multiprocessing as mp
 from dsv4_agent.model import DeepSeekV4, PagePool, Step, load_model, ops, save_random_checkpoint
 from dsv4_agent.model.model import SINGLE_RANK
 from dsv4_agent.serve.cli import SHIM_DIR
+from dsv4_agent.serve.testing import free_port
 
 SHARDED = ("attn.wq_b.", "attn.wo_a.", "attn.wo_b.", "attn.attn_sink", "experts.", "embed.", "head.")
 
@@ -103,17 +103,11 @@ def _worker(rank: int, size: int, port: int, ckpt: str, prompts, chunks, queue) 
         destroy_distributed_environment()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _start(size: int, ckpt, prompts, chunks) -> tuple[list, object]:
     """Start the ``size`` rank processes of one tensor-parallel group."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, size, port, str(ckpt), prompts, chunks, queue))
              for r in range(size)]
     for p in procs:
@@ -145,7 +139,12 @@ def test_two_ranks_match_one_and_hold_their_shard(tmp_path, tiny_config):
     chunks = [100, 100, 100]  # chunked prefill crossing a page boundary, then decode
 
     group_of_one, group_of_two = _start(1, ckpt, prompts, chunks), _start(2, ckpt, prompts, chunks)
-    plain = _run(load_model(ckpt), prompts, chunks)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the ranks: a GEMM's summation order may depend on the thread count
+    try:
+        plain = _run(load_model(ckpt), prompts, chunks)
+    finally:
+        torch.set_num_threads(threads)
     one, = _results(*group_of_one)
     two = _results(*group_of_two)
 
