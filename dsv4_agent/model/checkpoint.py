@@ -65,16 +65,18 @@ def expected_tensors(cfg: DeepSeekV4Config) -> dict[str, TensorSpec]:
     def plain(key: str, shape: tuple[int, ...], dtype: str) -> None:
         out[key] = TensorSpec(tuple(shape), dtype, "plain")
 
+    def linear(key: str, o: int, i: int, stored: str) -> None:
+        # the shapes the model's linears hold (one rule for both, in ops)
+        (w_shape, w_dtype), scale = ops.stored_weight_shapes(o, i, stored)
+        out[key + ".weight"] = TensorSpec(w_shape, _SAFETENSORS_NAMES[w_dtype], stored)
+        if scale is not None:
+            out[key + ".scale"] = TensorSpec(scale[0], _SAFETENSORS_NAMES[scale[1]], "scale")
+
     def fp8(key: str, o: int, i: int) -> None:
-        out[key + ".weight"] = TensorSpec((o, i), "F8_E4M3", "fp8")
-        out[key + ".scale"] = TensorSpec((_cdiv(o, FP8_BLOCK), _cdiv(i, FP8_BLOCK)), "F8_E8M0", "scale")
+        linear(key, o, i, "fp8")
 
     def expert(key: str, o: int, i: int) -> None:
-        if cfg.expert_dtype == "fp4":
-            out[key + ".weight"] = TensorSpec((o, i // 2), "I8", "fp4")
-            out[key + ".scale"] = TensorSpec((o, i // 32), "F8_E8M0", "scale")
-        else:
-            fp8(key, o, i)
+        linear(key, o, i, cfg.expert_dtype)
 
     def block(p: str, layer_id: int) -> None:
         mix = (2 + hc) * hc
@@ -162,6 +164,7 @@ def _shard_map(model_dir: Path) -> dict[str, str]:
 
 SAFETENSORS_DTYPES = {"F8_E4M3": torch.float8_e4m3fn, "F8_E8M0": torch.float8_e8m0fnu, "I8": torch.int8,
                       "BF16": torch.bfloat16, "F32": torch.float32, "I64": torch.int64}
+_SAFETENSORS_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 
 
 def check_tensor(expected: dict[str, TensorSpec], key: str, shape: tuple[int, ...], dtype: str) -> None:
