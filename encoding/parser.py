@@ -16,6 +16,8 @@ Lenient grammar (every rule is documented in encoding/README.md and tested):
   (typed fallback); a missing `string` attribute is treated as "false"; a repeated parameter name keeps
   the first value and drops the others;
 * stray DSML tags and BOS / `<think>` / stray `</think>` markers are removed from text;
+* a marker cut at the very end is dropped, also one cut inside a character's UTF-8 bytes (the text ends in
+  U+FFFD where `｜` or `▁` would continue the marker);
 * a completion that ends inside a tool block never yields a complete call: the cut call is reported as
   `incomplete_tool_call` (and its ToolCallStart gets no ToolCallEnd).
 """
@@ -232,9 +234,24 @@ _TAG_PREFIX_RE = re.compile("</?(?:[｜|]{1,2}(?:D(?:S(?:M(?:L)?)?)?)?)?\\Z")
 _WS = " \t\r\n"
 _LITERALS = (EOS, BOS, THINK_OPEN, THINK_CLOSE)
 _MAX_HEADER = 512
+# A completion cut inside a multi-byte character (max_tokens, or a byte-level token of a marker) ends in
+# U+FFFD: one for the cut sequence, or one per byte from byte-fallback decoders, so at most two for the
+# 3-byte characters of markers. When that character, read as `｜` or `▁`, would continue a marker, the
+# tail is a cut marker: held back while streaming, dropped at the end like any partial marker.
+_CUT = "\ufffd"
+_CUT_CHARS = "｜▁"  # the multi-byte characters of markers
+_MAX_CUT_RUN = 2
+_MAX_CUT = max(map(len, _LITERALS))  # a head (at most a literal less two characters) and two U+FFFD
 _BLOCK_NAMES = ("tool_calls", "toolcalls")
 _ATTR_RE = re.compile(r"""([A-Za-z_]+)\s*=\s*(?:"([^"]*)"|'([^']*)'|([^\s"'>]+))""")
 _NEED = "need"  # the decision depends on text not seen yet
+
+
+def _marker_head(s: str) -> bool:
+    """s (from a `<` or a pipe) is the beginning of a marker or of a DSML tag up to its identifier."""
+    if s[0] == "<":
+        return any(lit.startswith(s) for lit in _LITERALS) or bool(_TAG_PREFIX_RE.match(s) or _TAG_RE.fullmatch(s))
+    return bool(_D_PREFIX_RE.match(s) or _D_RE.fullmatch(s))
 
 
 def _reject_constant(name: str) -> Any:
@@ -350,6 +367,19 @@ class StreamParser:
 
     # ---- lexing helpers -----------------------------------------------------------------------------
 
+    def _cut_marker_at(self, p: int) -> bool:
+        """From p to the end: a marker head and the U+FFFD run of its next character, cut inside its bytes.
+
+        Such a tail is dropped at `finish` whatever the reason: a cut UTF-8 sequence at the very end is never
+        meaningful text (the bytes were cut by max_tokens, a stop or an abort alike), and SGLang's detectors
+        never learn the reason. A U+FFFD followed by more text is a real character and stays text.
+        """
+        buf, n = self._buf, len(self._buf)
+        if n - p > _MAX_CUT or not buf.endswith(_CUT):
+            return False
+        head = buf[p:].rstrip(_CUT)
+        return n - p - len(head) <= _MAX_CUT_RUN and any(_marker_head(head + c) for c in _CUT_CHARS)
+
     def _dsml_at(self, p: int, final: bool) -> Any:
         """At `<` (or `</`) + D + identifier: (closing, ident, end) / _NEED / None."""
         buf, n = self._buf, len(self._buf)
@@ -373,6 +403,8 @@ class StreamParser:
     def _classify_lt(self, p: int, final: bool) -> tuple[str, Any]:
         """What starts at the `<` at p: literal / block / invoke / open / close / text / partial / need."""
         buf, n = self._buf, len(self._buf)
+        if self._cut_marker_at(p):
+            return ("partial", None) if final else ("need", None)
         if p + 1 < n and buf[p + 1] not in "｜|/t":  # every marker starts with `<｜`, `<|`, `</` or `<t`
             return "text", None
         partial = False
@@ -398,12 +430,14 @@ class StreamParser:
             if after is _NEED:
                 return "need", None
             return ("close" if closing else "open"), (ident, after)
-        if partial:
+        if partial or _TAG_PREFIX_RE.match(buf, p):  # a cut literal or tag head (`<｜DS`)
             return ("partial", None) if final else ("need", None)
         return "text", None
 
     def _bare_dsml_at(self, p: int, final: bool) -> Any:
         """At a pipe: the end of a bare D marker / _NEED / None (partial at the end: 'partial')."""
+        if self._cut_marker_at(p):
+            return "partial" if final else _NEED
         m = _D_RE.match(self._buf, p)
         if m is not None:
             if m.end() == len(self._buf) and not final:
@@ -549,8 +583,10 @@ class StreamParser:
             self._pos = value[1] if kind != "block" else value  # stray tag inside the block: dropped
         elif kind == "open_parameter":
             self._pos = value
+        elif kind == "partial":
+            self._pos = len(self._buf)  # a cut marker at the very end: the text was cut inside the block
         else:
-            self._close_block()  # text, a marker or a cut marker: back to text
+            self._close_block()  # text or a marker: back to text
         return True
 
     def _header(self) -> str | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 from dsv4_agent.encoding import render_assistant
 from dsv4_agent.encoding.tokens import BOS, DSML, EOS, THINK_CLOSE, THINK_OPEN
@@ -93,6 +94,13 @@ MUTATIONS = ["none", "no_eos", "ascii_pipes", "doubled_pipes", "bare_invoke", "o
              "invalid_typed", "duplicate_param", "truncate", "after_eos", "misspelled"]
 
 
+def _rendered(draw, mode: str) -> str:
+    text = render_assistant(draw(assistant_messages(mode == "thinking")), mode)
+    for kind in draw(st.lists(st.sampled_from(MUTATIONS), max_size=2)):
+        text = _mutate(text, kind, draw)
+    return text
+
+
 @st.composite
 def completions(draw) -> tuple[str, str]:
     """(completion text, thinking_mode): rendered messages under pitfall mutations, or adversarial text."""
@@ -102,10 +110,29 @@ def completions(draw) -> tuple[str, str]:
         return draw(free_text), mode
     if source == 1:
         return draw(st.text(max_size=40)), mode  # any unicode at all
-    text = render_assistant(draw(assistant_messages(mode == "thinking")), mode)
-    for kind in draw(st.lists(st.sampled_from(MUTATIONS), max_size=2)):
-        text = _mutate(text, kind, draw)
-    return text, mode
+    return _rendered(draw, mode), mode
+
+
+# A marker as it starts in a completion: a DSML tag head (`<` or `</` and D, any pipe form), a bare D, a literal.
+MARKER_RE = re.compile("</?[｜|]{1,2}DSML[｜|]{1,2}|[｜|]{1,2}DSML[｜|]{1,2}|"
+                       + "|".join(map(re.escape, (EOS, BOS, THINK_OPEN, THINK_CLOSE))))
+
+
+@st.composite
+def cut_inside_marker(draw) -> tuple[bytes, str, str]:
+    """(UTF-8 bytes of a rendered completion cut inside a marker, the text before that marker, mode).
+
+    The cut is anywhere in the marker's bytes from its second byte on (also inside `｜` and `▁`): what is left
+    of the marker is at least two bytes, since a lone `<` at the end is text by design."""
+    mode = draw(st.sampled_from(["chat", "thinking"]))
+    text = _rendered(draw, mode)
+    spans = [m.span() for m in MARKER_RE.finditer(text)]
+    if not spans:  # EOS mutated away and no call: cut inside an EOS written after it
+        text += EOS
+        spans = [(len(text) - len(EOS), len(text))]
+    start, end = draw(st.sampled_from(spans))
+    before, marker = text[:start].encode(), text[start:end].encode()
+    return before + marker[:draw(st.integers(2, len(marker) - 1))], text[:start], mode
 
 
 def split(data, points: list[int]) -> list:

@@ -1,13 +1,15 @@
 """Streaming parser properties (issue 2, point 5) for every chunking of a completion.
 
 (a) events assemble to exactly the lenient non-streaming parse; (b) no DSML byte or special marker in any
-content/reasoning delta; (c) a call's argument deltas concatenate to its final arguments, valid JSON.
+content/reasoning delta; (c) a call's argument deltas concatenate to its final arguments, valid JSON;
+(d) a completion cut inside a marker's bytes (U+FFFD for the cut character) leaves no trace of the marker.
 """
 
 from __future__ import annotations
 
 import json
 
+import pytest
 from dsv4_agent.encoding import (
     ContentDelta,
     Done,
@@ -21,8 +23,8 @@ from dsv4_agent.encoding import (
     render_assistant,
 )
 from dsv4_agent.encoding.tokens import BOS, DSML, EOS, THINK_CLOSE, THINK_OPEN
-from encoding_strategies import assistant_messages, completions, split
-from hypothesis import HealthCheck, given, settings
+from encoding_strategies import assistant_messages, completions, cut_inside_marker, split
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 FORBIDDEN = (DSML, "|DSML|", "｜DSML|", "|DSML｜", EOS, BOS, THINK_OPEN, THINK_CLOSE)
@@ -113,3 +115,89 @@ def test_cut_completion_never_yields_a_partial_call(message, mode, data):
         if cut["name"] is not None:
             assert cut["name"] == full["tool_calls"][cut["index"]]["function"]["name"]
             assert full["tool_calls"][cut["index"]]["function"]["arguments"].startswith(cut["arguments"])
+
+
+CUT = "\ufffd"  # what a UTF-8 decoder (errors="replace") writes for a cut character
+
+
+@PROPERTY
+@given(cut_inside_marker(), st.lists(st.integers(0, 600), max_size=8))
+def test_cut_inside_a_marker_leaves_no_trace(case, points):
+    """Cut by max_tokens inside a marker's bytes and decoded with errors="replace" (as SGLang's detokenizer
+    does), in every parser state: the result is that of the text cut right before the marker, from the str
+    and from the bytes in any chunking, and no delta holds DSML or the U+FFFD of the cut."""
+    data, before, mode = case
+    # Text that ends in a marker head itself (`a<｜`, `a</`, `||`) is cut there too, so no reference: in the
+    # generated text such heads end in a pipe or a slash.
+    assume(before[-1:] not in ("｜", "|", "/"))
+    text = data.decode("utf-8", errors="replace")
+    expected = parse_completion(before, mode, id_factory=ids)
+    assert parse_completion(text, mode, id_factory=ids) == expected
+    for chunks in (split(text, points), split(data, points)):
+        events = stream(chunks, mode, "length")
+        check_events(events, expected)
+        for ev in events:
+            piece = ev.text if isinstance(ev, ContentDelta | ReasoningDelta) else getattr(ev, "arguments", "")
+            assert "DSML" not in piece and CUT not in piece, (ev, text)
+
+
+@PROPERTY
+@given(completions(), st.data())
+def test_bytes_cut_anywhere_equal_their_replaced_text(case, data):
+    """Bytes cut at any byte, in any chunking, parse as their text decoded with errors="replace"."""
+    text, mode = case
+    raw = text.encode("utf-8")
+    raw = raw[:data.draw(st.integers(0, len(raw)))]
+    expected = parse_completion(raw.decode("utf-8", errors="replace"), mode, id_factory=ids)
+    check_events(stream(split(raw, data.draw(st.lists(st.integers(0, len(raw)), max_size=8))), mode, "length"),
+                 expected)
+
+
+D = DSML
+CALL = f'<{D}invoke name="f">\n<{D}parameter name="x" string="true">v'
+
+
+@pytest.mark.parametrize(("text", "mode", "content", "reasoning", "arguments"), [
+    # text / reasoning: a cut `｜` or `▁` (one U+FFFD, or two from byte-fallback decoders) after a marker head
+    (f"hi\n\n<｜DSML{CUT}", "chat", "hi\n\n", "", None),
+    (f"hi<{CUT}", "chat", "hi", "", None),
+    (f"hi</{CUT}{CUT}", "chat", "hi", "", None),
+    (f"hi<｜end{CUT}", "chat", "hi", "", None),
+    (f"hi<｜end▁of▁sentence{CUT}{CUT}", "chat", "hi", "", None),
+    (f"hi｜DSML{CUT}", "chat", "hi", "", None),
+    (f"hi<｜DSML｜{CUT}", "chat", "hi", "", None),  # doubled closing pipe
+    (f"hi｜{CUT}", "chat", "hi", "", None),
+    (f"think<｜DSML{CUT}", "thinking", "", "think", None),
+    (f"think</think>answer<｜begin{CUT}", "thinking", "answer", "think", None),
+    # inside a tool block, a header, a value
+    (f"\n\n<{D}tool_calls>\n<｜DSML{CUT}", "chat", "", "", ""),
+    (f"\n\n<{D}tool_calls>\n<{D}invoke name=\"f\">\n<{CUT}", "chat", "", "", ""),
+    (f"{CALL}</｜DSML{CUT}", "chat", "", "", '{"x": "v'),
+    (f"{CALL}<{CUT}{CUT}", "chat", "", "", '{"x": "v'),
+    # cut without U+FFFD: a tag head leaves no `<`; in a block the call is still reported as cut
+    ("hi<｜DS", "chat", "hi", "", None),
+    (f"\n\n<{D}tool_calls>\n<｜DS", "chat", "", "", ""),
+    # U+FFFD that does not continue a marker head is text
+    (f"a{CUT}b{CUT}", "chat", f"a{CUT}b{CUT}", "", None),
+    (f"{CUT}", "chat", CUT, "", None),
+    (f"中<a{CUT}", "chat", f"中<a{CUT}", "", None),
+    (f"<｜DSML{CUT}x", "chat", f"<｜DSML{CUT}x", "", None),
+    (f"<｜DSML{CUT}{CUT}{CUT}", "chat", f"<｜DSML{CUT}{CUT}{CUT}", "", None),  # more than a cut character leaves
+    (f"{CALL}{CUT}", "chat", "", "", f'{{"x": "v{CUT}'),
+])
+def test_cut_marker_cases(text, mode, content, reasoning, arguments):
+    """`arguments`: those of the call cut by the end (None: no call was cut)."""
+    for chunks in ([text], list(text), [text.encode("utf-8")]):
+        message = assemble(stream(chunks, mode, "length"))
+        assert (message["content"], message["reasoning_content"]) == (content, reasoning)
+        cut = message.get("incomplete_tool_call")
+        assert (None if cut is None else cut["arguments"]) == arguments
+
+
+def test_cut_marker_is_held_back_while_streaming():
+    parser = StreamParser("chat", id_factory=ids)
+    assert parser.feed("ok ") == [ContentDelta("ok ")]
+    assert parser.feed(f"<｜DSML{CUT}") == []  # maybe cut, maybe text: undecided
+    assert parser.feed("!") == [ContentDelta(f"<｜DSML{CUT}!")]
+    assert parser.feed(b"<\xef\xbd") == []
+    assert parser.finish("length") == [Done("length")]
