@@ -208,6 +208,10 @@ def load_state_dict(model_dir: str | Path, cfg: DeepSeekV4Config, *,
             raise CheckpointError(f"shard {shard!r} named in {INDEX_FILE} (for {by_shard[shard][0]!r}) does not exist")
         with safe_open(path, "pt") as f:
             present = set(f.keys())
+            unlisted = sorted(present - set(by_shard[shard]))
+            if unlisted:  # a tensor the index does not name would silently not be loaded
+                raise CheckpointError(f"shard {shard!r} stores tensor {unlisted[0]!r} that {INDEX_FILE} does not list"
+                                      + (f" (and {len(unlisted) - 1} more)" if len(unlisted) > 1 else ""))
             for key in by_shard[shard]:
                 if key not in present:
                     raise CheckpointError(f"tensor {key!r} is listed in {INDEX_FILE} for {shard!r} but not stored there")

@@ -39,7 +39,7 @@ class DeepSeekV4Config:
     rope_theta: float  # base of layers with m = 0 (no YaRN)
     compress_rope_theta: float  # base of layers with m > 0 (with YaRN)
     rope_factor: float
-    rope_original_max_position: int
+    rope_original_max_position: int  # 0: no YaRN (rope_scaling absent or null)
     rope_beta_fast: float
     rope_beta_slow: float
     max_position_embeddings: int
@@ -55,7 +55,7 @@ class DeepSeekV4Config:
     moe_intermediate_size: int
     routed_scaling_factor: float
     num_hash_layers: int
-    swiglu_limit: float
+    swiglu_limit: float  # 0: no clamp
     expert_dtype: str  # "fp4" (packed e2m1 + per-32 scales) or "fp8" (128x128 blocks)
     bos_token_id: int = 0
     eos_token_id: int = 1
@@ -68,6 +68,13 @@ class DeepSeekV4Config:
     @property
     def nope_head_dim(self) -> int:
         return self.head_dim - self.qk_rope_head_dim
+
+    @property
+    def yarn(self) -> tuple[int, float, float, float] | None:
+        """YaRN parameters of the compressed layers (original length, factor, beta_fast, beta_slow), None = none."""
+        if self.rope_original_max_position <= 0:
+            return None
+        return (self.rope_original_max_position, self.rope_factor, self.rope_beta_fast, self.rope_beta_slow)
 
     def ratio(self, layer_id: int) -> int:
         """Compression ratio m of main layer ``layer_id`` (or MTP block ``layer_id - n_layers``)."""
@@ -104,15 +111,13 @@ class DeepSeekV4Config:
             return v
 
         num = (int, float)
-        scaling = get("rope_scaling", dict)
-        for k in ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow"):
-            if k not in scaling:
-                raise ConfigError(f"config.json: missing field 'rope_scaling.{k}'")
-        if scaling.get("type", scaling.get("rope_type")) != "yarn":
-            raise ConfigError(f"config.json: 'rope_scaling.type' must be 'yarn', got {scaling.get('type')!r}")
+        yarn = _yarn_fields(hf.get("rope_scaling"))
         ratios = get("compress_ratios", list)
         if not all(isinstance(m, int) and not isinstance(m, bool) for m in ratios):
             raise ConfigError(f"config.json: 'compress_ratios' must be a list of integers, got {ratios!r}")
+        n_layers = get("num_hidden_layers", int)
+        # absent: the MTP blocks are the entries of compress_ratios beyond the main layers
+        n_mtp = get("num_nextn_predict_layers", int, max(len(ratios) - n_layers, 0))
 
         # Fields the reference hard-codes: accept only the values it implements.
         fixed = {
@@ -138,8 +143,8 @@ class DeepSeekV4Config:
         cfg = cls(
             vocab_size=get("vocab_size", int),
             hidden_size=get("hidden_size", int),
-            num_hidden_layers=get("num_hidden_layers", int),
-            num_nextn_predict_layers=get("num_nextn_predict_layers", int, 0),
+            num_hidden_layers=n_layers,
+            num_nextn_predict_layers=n_mtp,
             num_attention_heads=get("num_attention_heads", int),
             head_dim=get("head_dim", int),
             qk_rope_head_dim=get("qk_rope_head_dim", int),
@@ -150,10 +155,7 @@ class DeepSeekV4Config:
             compress_ratios=tuple(ratios),
             rope_theta=float(get("rope_theta", num)),
             compress_rope_theta=float(get("compress_rope_theta", num)),
-            rope_factor=float(scaling["factor"]),
-            rope_original_max_position=int(scaling["original_max_position_embeddings"]),
-            rope_beta_fast=float(scaling["beta_fast"]),
-            rope_beta_slow=float(scaling["beta_slow"]),
+            **yarn,
             max_position_embeddings=get("max_position_embeddings", int),
             index_n_heads=get("index_n_heads", int),
             index_head_dim=get("index_head_dim", int),
@@ -201,21 +203,22 @@ class DeepSeekV4Config:
             "hc_sinkhorn_iters": self.hc_sinkhorn_iters, "n_routed_experts": self.n_routed_experts,
             "num_experts_per_tok": self.num_experts_per_tok, "moe_intermediate_size": self.moe_intermediate_size,
             "max_position_embeddings": self.max_position_embeddings,
-            "rope_scaling.original_max_position_embeddings": self.rope_original_max_position,
         }
         for key, v in positive.items():
             if v <= 0:
                 raise ConfigError(f"config.json: field {key!r} must be positive, got {v}")
         for key, v in {"num_nextn_predict_layers": self.num_nextn_predict_layers,
-                       "num_hash_layers": self.num_hash_layers}.items():
+                       "num_hash_layers": self.num_hash_layers,
+                       "rope_scaling.original_max_position_embeddings": self.rope_original_max_position}.items():
             if v < 0:
                 raise ConfigError(f"config.json: field {key!r} must be >= 0, got {v}")
         for key, v in {"rope_theta": self.rope_theta, "compress_rope_theta": self.compress_rope_theta,
                        "rope_scaling.factor": self.rope_factor, "rms_norm_eps": self.rms_norm_eps,
-                       "hc_eps": self.hc_eps, "routed_scaling_factor": self.routed_scaling_factor,
-                       "swiglu_limit": self.swiglu_limit}.items():
+                       "hc_eps": self.hc_eps, "routed_scaling_factor": self.routed_scaling_factor}.items():
             if not (v > 0 and math.isfinite(v)):
                 raise ConfigError(f"config.json: field {key!r} must be a positive finite number, got {v}")
+        if not (self.swiglu_limit >= 0 and math.isfinite(self.swiglu_limit)):
+            raise ConfigError(f"config.json: field 'swiglu_limit' must be >= 0 (0: no clamp), got {self.swiglu_limit}")
         n_total = self.num_hidden_layers + self.num_nextn_predict_layers
         if len(self.compress_ratios) != n_total:
             raise ConfigError(
@@ -275,8 +278,8 @@ class DeepSeekV4Config:
                              "original_max_position_embeddings": self.rope_original_max_position,
                              "beta_fast": self.rope_beta_fast, "beta_slow": self.rope_beta_slow},
         }
-        for k in ("rope_factor", "rope_original_max_position", "rope_beta_fast", "rope_beta_slow"):
-            d.pop(k)
+        if {k: d.pop(k) for k in _NO_YARN} == _NO_YARN:
+            hf["rope_scaling"] = None
         d["compress_ratios"] = list(self.compress_ratios)
         hf.update(d)
         return hf
@@ -286,6 +289,34 @@ def _kind(kind: type | tuple[type, ...]) -> str:
     kinds = kind if isinstance(kind, tuple) else (kind,)
     names = {int: "an integer", float: "a number", str: "a string", list: "a list", dict: "an object", bool: "a boolean"}
     return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+# rope_* fields of a config without rope_scaling
+_NO_YARN = dict(rope_factor=1.0, rope_original_max_position=0, rope_beta_fast=32.0, rope_beta_slow=1.0)
+
+
+def _yarn_fields(scaling: Any) -> dict[str, Any]:
+    """The ``rope_scaling`` object -> the config's rope_* fields. Absent / null = no YaRN (original length 0:
+    the compressed layers then use plain RoPE with ``compress_rope_theta``)."""
+    if scaling is None:
+        return dict(_NO_YARN)
+    if not isinstance(scaling, dict):
+        raise ConfigError(f"config.json: field 'rope_scaling' must be an object or null, got {scaling!r}")
+    kind = scaling.get("type", scaling.get("rope_type"))
+    if kind != "yarn":
+        raise ConfigError(f"config.json: 'rope_scaling.type' must be 'yarn', got {kind!r}")
+    values = {}
+    for k in ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow"):
+        v = scaling.get(k)
+        if k not in scaling:
+            raise ConfigError(f"config.json: missing field 'rope_scaling.{k}'")
+        whole = k == "original_max_position_embeddings"
+        if isinstance(v, bool) or not isinstance(v, int if whole else (int, float)):
+            raise ConfigError(f"config.json: field 'rope_scaling.{k}' must be {'an integer' if whole else 'a number'}, "
+                              f"got {v!r}")
+        values[k] = v
+    return dict(rope_factor=float(values["factor"]), rope_original_max_position=values["original_max_position_embeddings"],
+                rope_beta_fast=float(values["beta_fast"]), rope_beta_slow=float(values["beta_slow"]))
 
 
 def _first(v: Any) -> int:

@@ -304,8 +304,7 @@ class Attention(nn.Module):
         self.compressor = Compressor(cfg, self.ratio, D, False, tp, prefix + "compressor.") if self.ratio else None
         self.indexer = Indexer(cfg, tp, prefix + "indexer.") if self.ratio == 4 else None
         if self.ratio:
-            yarn = (cfg.rope_original_max_position, cfg.rope_factor, cfg.rope_beta_fast, cfg.rope_beta_slow)
-            freqs = ops.rope_frequencies(self.rope_dim, cfg.compress_rope_theta, yarn)
+            freqs = ops.rope_frequencies(self.rope_dim, cfg.compress_rope_theta, cfg.yarn)
         else:
             freqs = ops.rope_frequencies(self.rope_dim, cfg.rope_theta, None)
         self.register_buffer("freqs", freqs, persistent=False)
@@ -523,6 +522,18 @@ class DeepSeekV4(nn.Module):
         num = numerics if isinstance(numerics, Numerics) else Numerics.from_mode(numerics)
         return self._head(streams, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, self.norm, num)
 
+    def _numerics(self, numerics: Numerics | str) -> Numerics:
+        num = numerics if isinstance(numerics, Numerics) else Numerics.from_mode(numerics)
+        if num.act_quant:  # the reference quantizes GEMM inputs in whole blocks of 128 (spec 2.6)
+            cfg = self.config
+            for name, width in (("hidden_size", cfg.hidden_size), ("q_lora_rank", cfg.q_lora_rank),
+                                ("o_groups * o_lora_rank", cfg.o_groups * cfg.o_lora_rank),
+                                ("moe_intermediate_size", cfg.moe_intermediate_size)):
+                if width % 128:
+                    raise ValueError(f"numerics with FP8 activation quantization need the inputs of the FP8 / FP4 "
+                                     f"linears in blocks of 128: config {name} = {width}")
+        return num
+
     def _segments(self, steps: list[tuple[TailState, list[int], int, tuple[int, ...]]]) -> tuple[list[_Segment], torch.Tensor]:
         segs, positions, row = [], [], 0
         for tail, pages, n, snaps in steps:
@@ -545,7 +556,7 @@ class DeepSeekV4(nn.Module):
         :class:`ResumeState` at b (e.g. page-aligned points of a long prefill). ``compute_logits=False``
         skips the head (intermediate prefill chunks). On an exception the sequences are left inconsistent.
         """
-        num = numerics if isinstance(numerics, Numerics) else Numerics.from_mode(numerics)
+        num = self._numerics(numerics)
         cfg = self.config
         if not steps:
             return []
@@ -604,7 +615,7 @@ class DeepSeekV4(nn.Module):
         """The (first) MTP block on (main streams of positions t, token t + 1) for each sequence, continuing
         its MTP window from ``seq.mtp_tail.length``; streams [n, hc, d], next_ids [n] -> logits fp32
         [n, vocab] (the prediction of token t + 2)."""
-        num = numerics if isinstance(numerics, Numerics) else Numerics.from_mode(numerics)
+        num = self._numerics(numerics)
         if not self.mtp:
             raise ValueError("this model has no MTP block (num_nextn_predict_layers = 0)")
         if any(sq.mtp_tail is None for sq in seqs):

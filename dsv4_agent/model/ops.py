@@ -487,7 +487,8 @@ def route(gate_logits: torch.Tensor, bias: torch.Tensor | None, hash_experts: to
 
 
 def swiglu(a: torch.Tensor, c: torch.Tensor, limit: float) -> torch.Tensor:
-    """silu(min(a, limit)) * clamp(c, -limit, limit) in fp32 (the SwiGLU clamp of spec 5.2)."""
-    a = a.float().clamp(max=limit)
-    c = c.float().clamp(-limit, limit)
+    """silu(min(a, limit)) * clamp(c, -limit, limit) in fp32 (the SwiGLU clamp of spec 5.2); limit 0 = no clamp."""
+    a, c = a.float(), c.float()
+    if limit > 0:
+        a, c = a.clamp(max=limit), c.clamp(-limit, limit)
     return F.silu(a) * c
