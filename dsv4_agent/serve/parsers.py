@@ -20,10 +20,17 @@ from sglang.srt.function_call.core_types import StreamingParseResult, StructureI
 from sglang.srt.parser.reasoning_parser import BaseReasoningFormatDetector
 
 from dsv4_agent.encoding import ContentDelta, Event, StreamParser, ToolCallDelta, ToolCallEnd, ToolCallStart
+from dsv4_agent.encoding.parser import CUT_CHARS, cut_run
 from dsv4_agent.encoding.tokens import BOS, DSML, EOS, INVOKE_CLOSE, THINK_CLOSE, THINK_OPEN, TOOL_CALLS_OPEN
 from dsv4_agent.serve.grammar import auto_tool_calls_tag, forced_tool_calls_tag
 
-_MARKERS = ("DSML", BOS, THINK_OPEN, THINK_CLOSE)
+_MARKERS = ("DSML", BOS, EOS, THINK_OPEN, THINK_CLOSE)
+_TAIL = 2 * len(BOS)  # longer than any marker cut at the end (a literal's head and two U+FFFD)
+
+
+def _content(text: str) -> str:
+    parser = StreamParser("chat")
+    return "".join(ev.text for ev in parser.feed(text) + parser.finish() if isinstance(ev, ContentDelta))
 
 
 class DSV4ToolDetector(BaseFormatDetector):
@@ -41,9 +48,14 @@ class DSV4ToolDetector(BaseFormatDetector):
         return True
 
     def has_tool_call(self, text: str) -> bool:
-        # Anything the parser would change (DSML with either pipe, stray BOS / think markers) goes through it,
-        # so the one-shot path cleans text exactly as the streaming path does.
-        return any(marker in text for marker in _MARKERS)
+        # Anything the parser would change goes through it, so the one-shot path cleans text exactly as the
+        # streaming path does: DSML with either pipe, EOS, stray BOS / think markers, and a marker cut at the
+        # very end (`<｜DS`, or `<｜DSML` + U+FFFD when max_tokens stops inside a character). Without the
+        # other markers only that end can change, and it lies in the tail.
+        if any(marker in text for marker in _MARKERS):
+            return True
+        tail = text[-_TAIL:]
+        return _content(tail) != tail
 
     @staticmethod
     def _convert(events: list[Event], tools: list[Any]) -> StreamingParseResult:
@@ -103,7 +115,9 @@ class DSV4ReasoningDetector(BaseReasoningFormatDetector):
     """`<think>`..`</think>` reasoning; the prompt already ends with `<think>` in thinking mode, so the
     completion starts inside reasoning exactly when the chat handler decided on thinking (same decision for
     the prompt and the parser, spec pitfall 6). A tool block that opens at a line start inside reasoning
-    ends it (a model that forgot `</think>`): the block goes to the tool parser instead of reasoning."""
+    ends it (a model that forgot `</think>`): the block goes to the tool parser instead of reasoning.
+    Reasoning cut at its end inside `</think>` or a tool-block start, also inside a character (U+FFFD), loses
+    that piece of markup, as in `dsv4_agent.encoding`'s parser."""
 
     def __init__(self, stream_reasoning: bool = True, force_reasoning: bool = False,
                  continue_final_message: bool = False, previous_content: str = "",
@@ -114,3 +128,24 @@ class DSV4ReasoningDetector(BaseReasoningFormatDetector):
                          continue_final_message=continue_final_message, previous_content=previous_content,
                          thinks_internally=True, reasoning_default="thinking",
                          force_nonempty_content=force_nonempty_content)
+
+    @staticmethod
+    def _ends_with_partial_token(buffer: str, token: str) -> int:
+        """The base's longest trailing strict prefix of `token`, also with its last character cut inside its
+        UTF-8 bytes (`<｜DSML` + U+FFFD): held back while streaming like any prefix, dropped at the end."""
+        held = BaseReasoningFormatDetector._ends_with_partial_token(buffer, token)
+        k = cut_run(buffer)
+        if k:
+            head = buffer[max(0, len(buffer) - k - len(token)):len(buffer) - k]
+            for c in CUT_CHARS:
+                m = BaseReasoningFormatDetector._ends_with_partial_token(head + c, token)
+                if m:
+                    held = max(held, m - 1 + k)
+        return held
+
+    def _strip_partial_tool_start(self, text: str, preceded_by: str = "") -> str:
+        """End of reasoning (finish, or one-shot without `</think>`): drop a cut `</think>` or tool-block start
+        of two characters or more wherever it stands (a lone `<` stays text). The base drops only a tool start
+        at a line start, so `</thi` or `<｜DSML` + U+FFFD reached reasoning_content."""
+        cut = max(self._ends_with_partial_token(text, token) for token in (self.think_end_token, self.tool_start_token))
+        return text[:len(text) - cut] if cut >= 2 else text

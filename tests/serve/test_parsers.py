@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 
 pytest.importorskip("sglang")
 
+from dsv4_agent.encoding.tokens import THINK_CLOSE  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from sglang.srt.entrypoints.openai.protocol import Function, Tool  # noqa: E402
@@ -152,3 +154,77 @@ def test_stray_markers_cleaned_alike_in_both_paths(text):
     streamed, streamed_calls = _stream(text, [2, 7], TOOLS)
     assert normal == streamed and calls == [] and streamed_calls == {}
     assert "<think>" not in normal and "</think>" not in normal and "begin▁of▁sentence" not in normal
+
+
+CUT = "\ufffd"  # what the detokenizer writes for a character cut by max_tokens
+MARKER = re.compile(f"</?{D}|{re.escape(THINK_CLOSE)}")
+
+
+def _cuts_inside_markers(text: str) -> list[str]:
+    """`text` cut at every byte inside each marker from its second byte on (a lone `<` is text), decoded
+    with errors="replace" as SGLang's detokenizer does."""
+    raw, out = text.encode(), []
+    for m in MARKER.finditer(text):
+        start, end = len(text[:m.start()].encode()), len(text[:m.end()].encode())
+        out += [raw[:cut].decode(errors="replace") for cut in range(start + 2, end)]
+    return out
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.sampled_from(_cuts_inside_markers(TWO_CALLS)), st.lists(st.integers(min_value=0, max_value=300), max_size=6))
+def test_tool_detector_cut_inside_a_marker(text, cuts):
+    """Cut inside a marker (e.g. `\\n\\n<｜DSML` + U+FFFD under a forced call): no markup or U+FFFD in content,
+    no cut call, and the one-shot path (has_tool_call, detect_and_parse) agrees with the streaming one."""
+    parser = FunctionCallParser(TOOLS, TOOL_PARSER)
+    assert parser.has_tool_call(text)
+    normal, calls = parser.parse_non_stream(text)
+    content, streamed = _stream(text, [c for c in cuts if c <= len(text)], TOOLS)
+    assert normal == content and normal.rstrip("\n") == "Checking both."
+    done = [json.loads(c.parameters) for c in calls]
+    assert done == [json.loads(streamed[i]["arguments"]) for i in range(len(calls))]
+    assert done == [{"city": "Paris", "days": 3}, {"a": 1, "b": [1, 2]}][:len(done)]
+
+
+@pytest.mark.parametrize("text", [f"Sure<{CUT}", f"Sure<｜end{CUT}", "Sure<｜DS", f"Sure｜DSML{CUT}{CUT}", "Sure ||"])
+def test_tool_detector_drops_a_cut_marker_without_dsml_alike(text):
+    """No whole marker in the text: has_tool_call still sends it through the parser, so the one-shot path
+    drops the cut marker at the end as the streaming path does."""
+    parser = FunctionCallParser(TOOLS, TOOL_PARSER)
+    assert parser.has_tool_call(text)
+    assert parser.parse_non_stream(text)[0].rstrip() == "Sure" == _stream(text, [3], TOOLS)[0].rstrip()
+    assert not parser.has_tool_call(f"Sure {CUT} <b> a|b ｜ <") and not parser.has_tool_call("")
+
+
+def _reason(text: str, pieces: list[int]) -> tuple[tuple[str, str], tuple[str, str]]:
+    """(one-shot, streamed in the given pieces) (reasoning, normal) of the reasoning detector."""
+    one = ReasoningParser(REASONING_PARSER, stream_reasoning=False, force_reasoning=True).parse_non_stream(text)
+    streamed = ReasoningParser(REASONING_PARSER, stream_reasoning=True, force_reasoning=True)
+    parts, prev = [], 0
+    for c in [*pieces, len(text)]:
+        parts.append(streamed.parse_stream_chunk(text[prev:c]))
+        prev = c
+    parts.append(streamed.parse_stream_end())
+    return (one[0] or "", one[1] or ""), ("".join(r or "" for r, _ in parts), "".join(n or "" for _, n in parts))
+
+
+@pytest.mark.parametrize(("before", "after"), [
+    ("I think", "</think>The answer."),
+    ("I think\n\n", f"<{D}tool_calls>\n"),  # a block at a line start: the detector hands it to the tool parser
+    ("I think about ", f"<{D}tool_calls>\n"),
+])
+def test_reasoning_cut_inside_a_marker(before, after):
+    """Reasoning cut inside `</think>` or a tool-block start, also inside `｜` (U+FFFD): the cut markup
+    never reaches reasoning_content, streamed (also char by char, with the U+FFFD alone) or not."""
+    for text in _cuts_inside_markers(before + after):
+        for pieces in ([], list(range(1, len(text))), [len(text) - 1]):
+            one, streamed = _reason(text, pieces)
+            assert one == streamed == (before, ""), (text, pieces)
+
+
+def test_reasoning_holds_a_cut_marker_back_until_it_is_text():
+    parser = ReasoningParser(REASONING_PARSER, stream_reasoning=True, force_reasoning=True)
+    assert parser.parse_stream_chunk("Hmm <｜DSML")[0] == "Hmm "
+    assert parser.parse_stream_chunk(CUT)[0] == ""  # a cut tool-block start, or a real U+FFFD
+    assert parser.parse_stream_chunk("!")[0] == f"<｜DSML{CUT}!"
+    assert parser.parse_stream_chunk(f" and <{CUT}")[0] == " and "
+    assert parser.parse_stream_end() == ("", "")
