@@ -183,6 +183,9 @@ def check_keys(expected: dict[str, TensorSpec], found: set[str]) -> None:
     unexpected = sorted(found - set(expected))
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        if all(k.endswith(".scale") for k in missing):
+            more += ("; every FP8 / FP4 weight needs its block scale (an unquantized BF16 checkpoint is not the "
+                     "released format)")
         raise CheckpointError(f"checkpoint is missing tensor {missing[0]!r}{more}")
     if unexpected:
         more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""

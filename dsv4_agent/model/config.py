@@ -128,17 +128,12 @@ class DeepSeekV4Config:
             "topk_method": "noaux_tc",
             "hidden_act": "silu",
             "tie_word_embeddings": False,
+            "attention_bias": False,
         }
         for key, want in fixed.items():
             if key in hf and hf[key] != want:
                 raise ConfigError(f"config.json: field {key!r} must be {want!r} for DeepSeek-V4, got {hf[key]!r}")
-        quant = hf.get("quantization_config")
-        if quant is not None:
-            block = quant.get("weight_block_size", [FP8_BLOCK, FP8_BLOCK])
-            if list(block) != [FP8_BLOCK, FP8_BLOCK]:
-                raise ConfigError(f"config.json: 'quantization_config.weight_block_size' must be [128, 128], got {block!r}")
-            if quant.get("fmt", "e4m3") != "e4m3" or quant.get("scale_fmt", "ue8m0") != "ue8m0":
-                raise ConfigError("config.json: 'quantization_config' must use fmt 'e4m3' with scale_fmt 'ue8m0'")
+        _check_quantization(hf.get("quantization_config"))
 
         cfg = cls(
             vocab_size=get("vocab_size", int),
@@ -152,7 +147,9 @@ class DeepSeekV4Config:
             o_groups=get("o_groups", int),
             o_lora_rank=get("o_lora_rank", int),
             sliding_window=get("sliding_window", int),
-            compress_ratios=tuple(ratios),
+            # entries beyond the main layers and MTP blocks are unused, as in the reference (e.g. a re-release's
+            # trailing zeros for extra draft layers)
+            compress_ratios=tuple(ratios[:n_layers + n_mtp]),
             rope_theta=float(get("rope_theta", num)),
             compress_rope_theta=float(get("compress_rope_theta", num)),
             **yarn,
@@ -214,9 +211,14 @@ class DeepSeekV4Config:
                 raise ConfigError(f"config.json: field {key!r} must be >= 0, got {v}")
         for key, v in {"rope_theta": self.rope_theta, "compress_rope_theta": self.compress_rope_theta,
                        "rope_scaling.factor": self.rope_factor, "rms_norm_eps": self.rms_norm_eps,
-                       "hc_eps": self.hc_eps, "routed_scaling_factor": self.routed_scaling_factor}.items():
+                       "hc_eps": self.hc_eps, "routed_scaling_factor": self.routed_scaling_factor,
+                       "rope_scaling.beta_fast": self.rope_beta_fast,
+                       "rope_scaling.beta_slow": self.rope_beta_slow}.items():
             if not (v > 0 and math.isfinite(v)):
                 raise ConfigError(f"config.json: field {key!r} must be a positive finite number, got {v}")
+        for key, v in {"rope_theta": self.rope_theta, "compress_rope_theta": self.compress_rope_theta}.items():
+            if v <= 1:
+                raise ConfigError(f"config.json: field {key!r} (a RoPE base) must be > 1, got {v}")
         if not (self.swiglu_limit >= 0 and math.isfinite(self.swiglu_limit)):
             raise ConfigError(f"config.json: field 'swiglu_limit' must be >= 0 (0: no clamp), got {self.swiglu_limit}")
         n_total = self.num_hidden_layers + self.num_nextn_predict_layers
@@ -317,6 +319,20 @@ def _yarn_fields(scaling: Any) -> dict[str, Any]:
         values[k] = v
     return dict(rope_factor=float(values["factor"]), rope_original_max_position=values["original_max_position_embeddings"],
                 rope_beta_fast=float(values["beta_fast"]), rope_beta_slow=float(values["beta_slow"]))
+
+
+def _check_quantization(quant: Any) -> None:
+    """The released FP8 scheme (spec 7) is the only one implemented: e4m3, ue8m0 scales, 128x128 blocks,
+    dynamic activation scales."""
+    if quant is None:
+        return
+    if not isinstance(quant, dict):
+        raise ConfigError(f"config.json: field 'quantization_config' must be an object, got {quant!r}")
+    want = {"quant_method": "fp8", "fmt": "e4m3", "scale_fmt": "ue8m0", "activation_scheme": "dynamic",
+            "weight_block_size": [FP8_BLOCK, FP8_BLOCK]}
+    for key, value in want.items():
+        if key in quant and quant[key] != value:
+            raise ConfigError(f"config.json: 'quantization_config.{key}' must be {value!r}, got {quant[key]!r}")
 
 
 def _first(v: Any) -> int:

@@ -120,6 +120,12 @@ def test_missing_mtp_count_is_inferred_from_compress_ratios():
     assert DeepSeekV4Config.from_hf(hf).num_nextn_predict_layers == 0
 
 
+def test_trailing_compress_ratios_are_unused():
+    """As in the reference, entries past the main layers and MTP blocks are ignored (a re-release's extra zeros)."""
+    cfg = tiny_config(compress_ratios=[0, 4, 128, 4, 0, 0, 0])
+    assert cfg.compress_ratios == (0, 4, 128, 4, 0) and cfg == tiny_config()
+
+
 def test_pro_builds_on_meta_with_the_released_shapes(shared_dir):
     """V4-Pro on the meta device: exactly the keys / shapes / dtypes of expected_tensors (norms held in fp32)
     and spec 1.3's parameter count, 1573 B + 25.8 B MTP. (Flash: test_model_weight_memory, per TP rank.)"""
@@ -180,6 +186,19 @@ def test_bad_checkpoint_names_the_key(written, edit, message):
         load_model(written)
 
 
+def test_unquantized_checkpoint_is_named(written):
+    """A BF16 checkpoint of the same model (linears dequantized, no scales) fails naming a scale key."""
+    def dequantize(t):
+        for key in [k for k in t if k.endswith(".scale")]:
+            del t[key]
+        for key in list(t):
+            if t[key].dtype in (torch.float8_e4m3fn, torch.int8) and not key.endswith("tid2eid"):
+                t[key] = torch.zeros(t[key].shape, dtype=torch.bfloat16)
+    rewrite(written, dequantize)
+    with pytest.raises(CheckpointError, match=r"missing tensor '.*\.scale' \(and \d+ more\); .*unquantized"):
+        load_model(written)
+
+
 def test_index_and_shards_must_agree(written):
     rewrite(written, lambda t: None, lambda m: m.pop("norm.weight"))
     with pytest.raises(CheckpointError, match="missing tensor 'norm.weight'"):
@@ -203,7 +222,15 @@ def test_index_and_shards_must_agree(written):
     ({"tie_word_embeddings": True}, "tie_word_embeddings"),
     ({"norm_topk_prob": False}, "norm_topk_prob"),
     ({"topk_method": "group_limited_greedy"}, "topk_method"),
-    ({"quantization_config": {"fmt": "e5m2"}}, "quantization_config"),
+    ({"quantization_config": {"fmt": "e5m2"}}, r"quantization_config\.fmt"),
+    ({"quantization_config": "fp8"}, "quantization_config"),
+    ({"quantization_config": {"quant_method": "mxfp4"}}, r"quantization_config\.quant_method"),
+    ({"quantization_config": {"activation_scheme": "static"}}, r"quantization_config\.activation_scheme"),
+    ({"quantization_config": {"weight_block_size": 128}}, r"quantization_config\.weight_block_size"),
+    ({"attention_bias": True}, "attention_bias"),
+    ({"rope_scaling": {"type": "yarn", "factor": 4, "original_max_position_embeddings": 64, "beta_fast": 0,
+                       "beta_slow": 1}}, r"rope_scaling\.beta_fast"),
+    ({"compress_rope_theta": 1}, "compress_rope_theta"),
     ({"compress_ratios": [0, 4, 128, 4, 4]}, r"compress_ratios\[4\]"),
     ({"compress_ratios": [0, 4, 96, 4, 0]}, r"compress_ratios\[2\]"),
 ])
