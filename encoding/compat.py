@@ -6,7 +6,7 @@ API reasoning controls onto V4's three modes. Both are documented in encoding/RE
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
 from .encoder import ROLES, MessageError, call_id
@@ -75,16 +75,21 @@ def normalize_messages(messages: Sequence[Mapping[str, Any]], *, tools: Sequence
     * tool-call `arguments` null or "" -> "{}" (a call without arguments; the reference would render a
       parameter named `arguments`); object arguments are left to the encoder (rendered as parameters);
     * `role: "tool"`: `tool_call_id` must name a call of the latest assistant turn with calls (results
-      are then ordered by call order); null content -> "", non-string non-list content -> its JSON
-      (the reference writes Python's repr);
+      are then ordered by call order; an id with no such turn before it is refused); null content -> "",
+      non-string non-list content -> its JSON (the reference writes Python's repr);
     * `role: "developer"` is OpenAI's name for the system prompt -> "system" (`developer_as_system=False`
       keeps V4's developer role, a user-side turn);
     * request-level `tools` / `response_format` are attached to the first message when it is a system
       message, else to a new system message inserted first (so thinking keeps its reasoning across a
       tool loop; spec pitfall 4).
     """
+    if not isinstance(messages, Sequence) or isinstance(messages, str | bytes):
+        raise MessageError(where, "must be a list of message dicts")
+    tools = _request_tools(tools)
+    if response_format is not None and not isinstance(response_format, Mapping):
+        raise MessageError("response_format", f"must be an object, got {type(response_format).__name__}")
     out: list[dict[str, Any]] = []
-    call_ids: set[Any] = set()
+    call_ids: set[Any] | None = None  # ids of the latest assistant turn with calls; None: no such turn yet
     for i, msg in enumerate(messages):
         if not isinstance(msg, Mapping):
             raise MessageError(f"{where}[{i}]", f"a message must be a dict, got {type(msg).__name__}", index=i)
@@ -103,33 +108,67 @@ def normalize_messages(messages: Sequence[Mapping[str, Any]], *, tools: Sequence
                 m["reasoning_content"] = m["reasoning"]
             m.pop("reasoning", None)
             if m.get("tool_calls"):
+                if not isinstance(m["tool_calls"], list):
+                    raise MessageError(f"{where}[{i}].tool_calls", "tool_calls must be a list", index=i,
+                                       field="tool_calls")
                 m["tool_calls"] = [_normalize_call(c, where, i, j) for j, c in enumerate(m["tool_calls"])]
                 call_ids = {cid for c in m["tool_calls"] if (cid := call_id(c))}
         if role == "tool":
             tcid = m.get("tool_call_id")
-            if tcid and call_ids and tcid not in call_ids:
-                raise MessageError(f"{where}[{i}].tool_call_id", f"{tcid!r} matches no call of the latest "
-                                   "assistant turn with tool calls", index=i, field="tool_call_id")
+            if tcid:
+                if not isinstance(tcid, Hashable):
+                    problem = f"must be a string, got {type(tcid).__name__}"
+                elif call_ids is None:
+                    problem = f"{tcid!r}: no assistant turn with tool calls precedes it"
+                elif call_ids and tcid not in call_ids:
+                    problem = f"{tcid!r} matches no call of the latest assistant turn with tool calls"
+                else:
+                    problem = ""
+                if problem:
+                    raise MessageError(f"{where}[{i}].tool_call_id", problem, index=i, field="tool_call_id")
             content = m.get("content")
             if content is None:
                 m["content"] = ""
             elif not isinstance(content, str | list):
-                m["content"] = to_json(content)
+                try:
+                    m["content"] = to_json(content)
+                except (TypeError, ValueError, RecursionError) as err:
+                    raise MessageError(f"{where}[{i}].content", f"a tool result must be text or JSON-serialisable "
+                                       f"({err})", index=i, field="content") from None
         out.append(m)
     if tools or response_format:
         if not (out and out[0]["role"] == "system"):
             out.insert(0, {"role": "system", "content": ""})
         if tools:
-            out[0]["tools"] = [*(out[0].get("tools") or []), *tools]
+            own = out[0].get("tools") or []
+            if not isinstance(own, list):
+                raise MessageError(f"{where}[0].tools", "tools must be a list", index=0, field="tools")
+            out[0]["tools"] = [*own, *tools]
         if response_format:
             out[0]["response_format"] = response_format
     return out
+
+
+def _request_tools(tools: Any) -> list[Mapping[str, Any]] | None:
+    """Request-level `tools`, checked here so an error names the request field, not the system message."""
+    if tools is None:
+        return None
+    if not isinstance(tools, Sequence) or isinstance(tools, str | bytes):
+        raise MessageError("tools", f"must be a list of tools, got {type(tools).__name__}")
+    for j, tool in enumerate(tools):
+        if not isinstance(tool, Mapping) or not isinstance(tool.get("function"), Mapping):
+            raise MessageError(f"tools[{j}]", 'a tool must be {"type": "function", "function": {...}}', index=j)
+    return list(tools)
 
 
 def _normalize_call(call: Any, where: str, i: int, j: int) -> Any:
     if not isinstance(call, Mapping) or not isinstance(call.get("function"), Mapping):
         raise MessageError(f"{where}[{i}].tool_calls[{j}].function", "a tool call needs a `function` object",
                            index=i, field=f"tool_calls[{j}].function")
+    cid = call_id(call)
+    if cid and not isinstance(cid, Hashable):
+        raise MessageError(f"{where}[{i}].tool_calls[{j}].id", f"a call id must be a string, got {type(cid).__name__}",
+                           index=i, field=f"tool_calls[{j}].id")
     fn = dict(call["function"])
     if fn.get("arguments") in (None, ""):
         fn["arguments"] = "{}"

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
 from .tokens import (
@@ -126,21 +126,32 @@ def _fail(source: str, index: int, field: str, problem: str) -> MessageError:
     return MessageError(_where(source, index, field), problem, index=index, field=field)
 
 
+def _check_json(value: Any, source: str, i: int, field: str) -> None:
+    """Values the encoder writes as JSON (schemas, response_format, typed arguments) must serialise."""
+    try:
+        to_json(value)
+    except (TypeError, ValueError, RecursionError) as err:
+        raise _fail(source, i, field, f"not JSON-serialisable ({type(err).__name__}: {err})") from None
+
+
 def _validate_call_args(value: Any, source: str, i: int, field: str) -> None:
-    if isinstance(value, str):
-        try:
-            decoded = json.loads(value)
-        except ValueError:
-            return  # not JSON: rendered as one string parameter named `arguments` (reference)
-        except RecursionError:
-            raise _fail(source, i, field, "arguments are nested too deeply") from None
-        if not isinstance(decoded, dict):
-            raise _fail(source, i, field, f"arguments must be a JSON object, got JSON {type(decoded).__name__}")
+    if not isinstance(value, str):
+        _check_json(value, source, i, field)  # an object (own parameters) or anything else (one parameter)
+        return
+    try:
+        decoded = json.loads(value)
+    except ValueError:
+        return  # not JSON: rendered as one string parameter named `arguments` (reference)
+    except RecursionError:
+        raise _fail(source, i, field, "arguments are nested too deeply") from None
+    if not isinstance(decoded, dict):
+        raise _fail(source, i, field, f"arguments must be a JSON object, got JSON {type(decoded).__name__}")
 
 
 def _check_rendered(msg: Mapping[str, Any]) -> None:
     """Reject, naming the source message and field, what the reference fails on when it renders `msg` (a
-    folded message). Messages that are not rendered (context, dropped history) are not checked, as there."""
+    folded message). Messages that are not rendered (context, dropped history) are not checked, as there;
+    only their `tool_calls`, which result ordering reads everywhere (spec 4.3), are (`_call_order`)."""
     source, i = msg["_at"]
     role = msg.get("role")
     if role not in ROLES:
@@ -167,6 +178,9 @@ def _check_rendered(msg: Mapping[str, Any]) -> None:
         for j, tool in enumerate(tools):
             if not isinstance(tool, Mapping) or "function" not in tool:
                 raise _fail(source, i, f"tools[{j}]", 'a tool must be {"type": "function", "function": {...}}')
+            _check_json(tool["function"], source, i, f"tools[{j}].function")
+    if role in ("system", "developer") and msg.get("response_format"):
+        _check_json(msg["response_format"], source, i, "response_format")
     if role == "assistant" and msg.get("tool_calls"):
         calls = msg["tool_calls"]
         if not isinstance(calls, list):
@@ -206,13 +220,13 @@ def _fold(messages: Sequence[Mapping[str, Any]], source: str) -> list[dict[str, 
         last = folded[-1] if folded else None
         if role == "tool":
             block = ("tool_result", msg.get("tool_call_id", ""), msg.get("content", ""), (source, i))
-            if last is not None and last["role"] == "user":
+            if last is not None and last.get("role") == "user":
                 last["blocks"].append(block)
             else:
                 folded.append({"role": "user", "blocks": [block], "_at": (source, i)})
         elif role == "user":
             block = ("text", msg.get("content", ""), (source, i))
-            if last is not None and last["role"] == "user" and last.get("task") is None:
+            if last is not None and last.get("role") == "user" and last.get("task") is None:
                 last["blocks"].append(block)
             else:
                 turn: dict[str, Any] = {"role": "user", "blocks": [block], "_at": (source, i)}
@@ -233,22 +247,34 @@ def call_id(call: Any) -> Any:
     """A tool call's id as the reference reads it: `id`, else `function.id` (falsy: none)."""
     if not isinstance(call, Mapping):
         return None
-    return call.get("id") or (call.get("function") or {}).get("id", "")
+    fn = call.get("function")
+    return call.get("id") or (fn.get("id", "") if isinstance(fn, Mapping) else "")
 
 
 def _call_order(msg: Mapping[str, Any]) -> dict[Any, int]:
-    return {cid: k for k, call in enumerate(msg["tool_calls"]) if (cid := call_id(call))}
+    """Call id -> position in `msg["tool_calls"]` (a later duplicate id wins, as in the reference)."""
+    source, i = msg["_at"]
+    calls = msg["tool_calls"]
+    if not isinstance(calls, list):
+        raise _fail(source, i, "tool_calls", "tool_calls must be a list")
+    order: dict[Any, int] = {}
+    for k, call in enumerate(calls):
+        if not isinstance(call, Mapping):
+            raise _fail(source, i, f"tool_calls[{k}]", f"a tool call must be a dict, got {type(call).__name__}")
+        if cid := call_id(call):
+            if not isinstance(cid, Hashable):
+                field = f"tool_calls[{k}]." + ("id" if call.get("id") else "function.id")
+                raise _fail(source, i, field, f"a call id must be a string, got {type(cid).__name__}")
+            order[cid] = k
+    return order
 
 
-def _order_results(folded: list[dict[str, Any]], history: Sequence[Mapping[str, Any]] = ()) -> None:
+def _order_results(folded: list[dict[str, Any]], order: dict[Any, int]) -> dict[Any, int]:
     """Stable-sort the tool results of each user turn by the call order of the latest assistant with calls.
 
-    `history` (the context) only contributes call orders. Unknown ids sort as position 0 (reference).
+    `order` is the call order in force before `folded` (the context's, spec 4.3); returns the one after it.
+    Unknown ids sort as position 0 (reference).
     """
-    order: dict[Any, int] = {}
-    for msg in history:
-        if msg.get("role") == "assistant" and msg.get("tool_calls"):
-            order = _call_order(msg)
     for msg in folded:
         if msg.get("role") == "assistant" and msg.get("tool_calls"):
             order = _call_order(msg)
@@ -256,8 +282,12 @@ def _order_results(folded: list[dict[str, Any]], history: Sequence[Mapping[str, 
             blocks = msg["blocks"]
             results = [b for b in blocks if b[0] == "tool_result"]
             if len(results) > 1 and order:
+                for _, result_id, _, (src, k) in results:
+                    if not isinstance(result_id, Hashable):
+                        raise _fail(src, k, "tool_call_id", f"must be a string, got {type(result_id).__name__}")
                 ranked = iter(sorted(results, key=lambda b: order.get(b[1], 0)))
                 msg["blocks"] = [next(ranked) if b[0] == "tool_result" else b for b in blocks]
+    return order
 
 
 def _last_user_index(messages: Sequence[Mapping[str, Any]]) -> int:
@@ -453,11 +483,11 @@ def _render_message(out: _Out, i: int, msgs: list[dict[str, Any]], last_user: in
         _render_assistant_body(out, msg, keep, verbatim)
 
     # transition (generation prompt): only before an assistant / latest_reminder, or at the end
-    if i + 1 < len(msgs) and msgs[i + 1]["role"] not in ("assistant", "latest_reminder"):
+    if i + 1 < len(msgs) and msgs[i + 1].get("role") not in ("assistant", "latest_reminder"):
         return
     task = msg.get("task")
     if task is not None:
-        if task not in TASK_TOKENS:
+        if not isinstance(task, str) or task not in TASK_TOKENS:
             source, index = msg["_at"]
             raise _fail(source, index, "task", f"unknown task {task!r} (expected one of {', '.join(TASK_TOKENS)})")
         if task == "action":
@@ -486,9 +516,8 @@ def _pieces(messages: Sequence[Mapping[str, Any]], thinking_mode: str, reasoning
     _check_dicts(messages, "messages")
 
     folded_context = _fold(context, "context")
-    _order_results(folded_context)
     folded = _fold(messages, "messages")
-    _order_results(folded, history=context)
+    _order_results(folded, _order_results(folded_context, {}))
     full = folded_context + folded
 
     out = _Out()
