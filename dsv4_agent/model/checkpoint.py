@@ -152,8 +152,10 @@ def _shard_map(model_dir: Path) -> dict[str, str]:
     if index.exists():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise CheckpointError(f"{index}: not a safetensors index (needs a 'weight_map' object): {e}") from e
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index}: 'weight_map' must map tensor names to shard file names")
         return dict(weight_map)
     single = model_dir / SINGLE_FILE
     if not single.exists():

@@ -167,7 +167,8 @@ class DeepSeekV4Config:
             routed_scaling_factor=float(get("routed_scaling_factor", num)),
             num_hash_layers=get("num_hash_layers", int),
             swiglu_limit=float(get("swiglu_limit", num)),
-            expert_dtype=get("expert_dtype", str, "fp8"),
+            # absent or null: the experts are stored like the other linears (FP8)
+            expert_dtype="fp8" if hf.get("expert_dtype") is None else get("expert_dtype", str),
             bos_token_id=hf.get("bos_token_id", 0),
             eos_token_id=_first(hf.get("eos_token_id", 1)),
         )
@@ -255,10 +256,10 @@ class DeepSeekV4Config:
             raise ConfigError(
                 f"config.json: 'num_experts_per_tok' ({self.num_experts_per_tok}) exceeds 'n_routed_experts' "
                 f"({self.n_routed_experts})")
-        if self.num_hash_layers > self.num_hidden_layers:
+        if self.num_hash_layers > n_total:  # layer ids n_layers.. are the MTP blocks: hashed too below this count
             raise ConfigError(
-                f"config.json: 'num_hash_layers' ({self.num_hash_layers}) exceeds 'num_hidden_layers' "
-                f"({self.num_hidden_layers})")
+                f"config.json: 'num_hash_layers' ({self.num_hash_layers}) exceeds 'num_hidden_layers' + "
+                f"'num_nextn_predict_layers' ({n_total})")
         if self.expert_dtype not in ("fp4", "fp8"):
             raise ConfigError(f"config.json: 'expert_dtype' must be 'fp4' or 'fp8', got {self.expert_dtype!r}")
         if self.expert_dtype == "fp4" and (self.hidden_size % 32 or self.moe_intermediate_size % 32):

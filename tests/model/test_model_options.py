@@ -38,6 +38,7 @@ OPTIONS = {
     "t4-dense-index": {"num_hash_layers": 4, "index_topk": 512},
     "fp8-experts": {"expert_dtype": "fp8"},
     "score-routing-only": {"num_hash_layers": 0},
+    "hash-routed-mtp": {"num_hash_layers": 5},  # layer id < num_hash_layers: the MTP block (id 4) as well
     "hc-mult-2": {"hc_mult": 2},
     "window-128-hca-first": {"sliding_window": 128, "compress_ratios": [128, 4, 128, 4, 0]},
     "ratios-8-32-64-window-5": {"compress_ratios": [8, 4, 32, 64, 0], "sliding_window": 5},
@@ -112,12 +113,21 @@ def test_config_field_is_read(base_checkpoint, tmp_path, field):
     assert max_rel(got, base) > 1e-4, f"changing {field} did not change the logits"
 
 
-def test_missing_mtp_count_is_inferred_from_compress_ratios():
+def test_optional_keys():
+    """num_nextn_predict_layers absent: the compress_ratios entries past the main layers; expert_dtype absent or
+    null: FP8 like the other linears; rope_scaling null: no YaRN (and it round-trips as null)."""
     hf = tiny_config().to_hf()
     del hf["num_nextn_predict_layers"]
     assert DeepSeekV4Config.from_hf(hf).num_nextn_predict_layers == 1
     hf["compress_ratios"] = hf["compress_ratios"][:-1]
     assert DeepSeekV4Config.from_hf(hf).num_nextn_predict_layers == 0
+    assert tiny_config(expert_dtype=None).expert_dtype == "fp8"
+    hf = tiny_config().to_hf()
+    del hf["expert_dtype"]
+    assert DeepSeekV4Config.from_hf(hf).expert_dtype == "fp8"
+    plain = tiny_config(rope_scaling=None)
+    assert plain.yarn is None and plain.to_hf()["rope_scaling"] is None
+    assert DeepSeekV4Config.from_hf(plain.to_hf()) == plain and tiny_config().yarn == (64, 4.0, 32.0, 1.0)
 
 
 def test_trailing_compress_ratios_are_unused():
@@ -126,10 +136,11 @@ def test_trailing_compress_ratios_are_unused():
     assert cfg.compress_ratios == (0, 4, 128, 4, 0) and cfg == tiny_config()
 
 
-def test_pro_builds_on_meta_with_the_released_shapes(shared_dir):
-    """V4-Pro on the meta device: exactly the keys / shapes / dtypes of expected_tensors (norms held in fp32)
-    and spec 1.3's parameter count, 1573 B + 25.8 B MTP. (Flash: test_model_weight_memory, per TP rank.)"""
-    cfg = load_config(shared_dir / "configs" / "deepseek-v4-pro")
+@pytest.mark.parametrize("release,billions", [("deepseek-v4-flash", (284.3, 6.6)), ("deepseek-v4-pro", (1573.0, 25.8))])
+def test_releases_build_on_meta_with_the_released_shapes(shared_dir, release, billions):
+    """The official configs on the meta device: exactly the keys / shapes / dtypes of expected_tensors (norms held
+    in fp32) and spec 1.3's parameter counts (Flash 284.3 B + 6.6 B MTP, Pro 1573 B + 25.8 B MTP)."""
+    cfg = load_config(shared_dir / "configs" / release)
     with torch.device("meta"):
         state = DeepSeekV4(cfg).state_dict()
     spec = expected_tensors(cfg)
@@ -141,7 +152,8 @@ def test_pro_builds_on_meta_with_the_released_shapes(shared_dir):
     for key, t in state.items():
         if not key.endswith(".scale"):
             logical["mtp" if key.startswith("mtp.") else "main"] += t.numel() * (2 if t.dtype == torch.int8 else 1)
-    assert round(logical["main"] / 1e9) == 1573 and round(logical["mtp"] / 1e9, 1) == 25.8
+    main = logical["main"] / 1e9
+    assert (round(main, 1) if main < 1000 else round(main), round(logical["mtp"] / 1e9, 1)) == billions
 
 
 # ---- bad inputs name the key / field ------------------------------------------------------------------------
@@ -210,6 +222,10 @@ def test_index_and_shards_must_agree(written):
             lambda m: m.update({"head.weight": "model.safetensors"}))
     with pytest.raises(CheckpointError, match="'head.weight' is listed in .* but not stored there"):
         load_model(written)
+    for bad in ({"weight_map": ["model.safetensors"]}, [1], {"weight_map": {"embed.weight": 3}}):
+        (written / "model.safetensors.index.json").write_text(json.dumps(bad))
+        with pytest.raises(CheckpointError, match="weight_map"):
+            load_model(written)
 
 
 @pytest.mark.parametrize("change,field", [
