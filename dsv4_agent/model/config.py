@@ -169,8 +169,8 @@ class DeepSeekV4Config:
             swiglu_limit=float(get("swiglu_limit", num)),
             # absent or null: the experts are stored like the other linears (FP8)
             expert_dtype="fp8" if hf.get("expert_dtype") is None else get("expert_dtype", str),
-            bos_token_id=hf.get("bos_token_id", 0),
-            eos_token_id=_first(hf.get("eos_token_id", 1)),
+            bos_token_id=_token_id(hf, "bos_token_id", 0),
+            eos_token_id=_token_id(hf, "eos_token_id", 1),
         )
         cfg.validate()
         return cfg
@@ -336,8 +336,15 @@ def _check_quantization(quant: Any) -> None:
             raise ConfigError(f"config.json: 'quantization_config.{key}' must be {value!r}, got {quant[key]!r}")
 
 
-def _first(v: Any) -> int:
-    return v[0] if isinstance(v, list) else v
+def _token_id(hf: dict[str, Any], key: str, default: int) -> int:
+    """A special token id: an integer, or a non-empty list of them (the first is kept), or absent / null."""
+    v = hf.get(key)
+    if v is None:
+        return default
+    first = v[0] if isinstance(v, list) and v else v
+    if isinstance(first, bool) or not isinstance(first, int):
+        raise ConfigError(f"config.json: field {key!r} must be an integer or a non-empty list of them, got {v!r}")
+    return first
 
 
 def tiny_config(**overrides: Any) -> DeepSeekV4Config:

@@ -247,6 +247,8 @@ def test_index_and_shards_must_agree(written):
     ({"rope_scaling": {"type": "yarn", "factor": 4, "original_max_position_embeddings": 64, "beta_fast": 0,
                        "beta_slow": 1}}, r"rope_scaling\.beta_fast"),
     ({"compress_rope_theta": 1}, "compress_rope_theta"),
+    ({"eos_token_id": []}, "eos_token_id"),
+    ({"bos_token_id": "<s>"}, "bos_token_id"),
     ({"compress_ratios": [0, 4, 128, 4, 4]}, r"compress_ratios\[4\]"),
     ({"compress_ratios": [0, 4, 96, 4, 0]}, r"compress_ratios\[2\]"),
 ])
