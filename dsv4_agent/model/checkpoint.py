@@ -13,13 +13,14 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from . import ops
@@ -146,6 +147,17 @@ def expected_tensors(cfg: DeepSeekV4Config) -> dict[str, TensorSpec]:
 # ---------------------------------------------------------------------------------------------------------
 # Loading
 # ---------------------------------------------------------------------------------------------------------
+@contextmanager
+def _open_shard(path: Path) -> Iterator:
+    """``safe_open`` whose failures (corrupt or truncated file) are a :class:`CheckpointError` naming the file."""
+    try:
+        f = safe_open(path, "pt")
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file: {e}") from e
+    with f:
+        yield f
+
+
 def _shard_map(model_dir: Path) -> dict[str, str]:
     """key -> shard file name, from the index file or the single-file layout."""
     index = model_dir / INDEX_FILE
@@ -160,7 +172,7 @@ def _shard_map(model_dir: Path) -> dict[str, str]:
     single = model_dir / SINGLE_FILE
     if not single.exists():
         raise CheckpointError(f"{model_dir}: neither {INDEX_FILE} nor {SINGLE_FILE} found")
-    with safe_open(single, "pt") as f:
+    with _open_shard(single) as f:
         return {k: SINGLE_FILE for k in f.keys()}
 
 
@@ -211,7 +223,7 @@ def load_state_dict(model_dir: str | Path, cfg: DeepSeekV4Config, *,
         path = model_dir / shard
         if not path.exists():
             raise CheckpointError(f"shard {shard!r} named in {INDEX_FILE} (for {by_shard[shard][0]!r}) does not exist")
-        with safe_open(path, "pt") as f:
+        with _open_shard(path) as f:
             present = set(f.keys())
             unlisted = sorted(present - set(by_shard[shard]))
             if unlisted:  # a tensor the index does not name would silently not be loaded
@@ -227,7 +239,7 @@ def load_state_dict(model_dir: str | Path, cfg: DeepSeekV4Config, *,
     state: dict[str, torch.Tensor] = {}
     done = 0
     for i, shard in enumerate(shards, 1):
-        with safe_open(model_dir / shard, "pt") as f:
+        with _open_shard(model_dir / shard) as f:
             for key in by_shard[shard]:
                 state[key] = f.get_tensor(key)
                 done += 1

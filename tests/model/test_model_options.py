@@ -222,10 +222,14 @@ def test_index_and_shards_must_agree(written):
             lambda m: m.update({"head.weight": "model.safetensors"}))
     with pytest.raises(CheckpointError, match="'head.weight' is listed in .* but not stored there"):
         load_model(written)
+    (written / "model.safetensors").write_bytes(b"not a safetensors file")
     for bad in ({"weight_map": ["model.safetensors"]}, [1], {"weight_map": {"embed.weight": 3}}):
         (written / "model.safetensors.index.json").write_text(json.dumps(bad))
         with pytest.raises(CheckpointError, match="weight_map"):
             load_model(written)
+    (written / "model.safetensors.index.json").unlink()
+    with pytest.raises(CheckpointError, match="model.safetensors: not a readable safetensors file"):
+        load_model(written)
 
 
 @pytest.mark.parametrize("change,field", [
