@@ -206,6 +206,13 @@ def check_keys(expected: dict[str, TensorSpec], found: set[str]) -> None:
         raise CheckpointError(f"checkpoint has unexpected tensor {unexpected[0]!r}{more}")
 
 
+def _check_expert_ids(key: str, tid2eid: torch.Tensor, n_experts: int) -> None:
+    """A hash-routing table may only name existing experts."""
+    if tid2eid.numel() and not (0 <= int(tid2eid.min()) and int(tid2eid.max()) < n_experts):
+        bad = tid2eid[(tid2eid < 0) | (tid2eid >= n_experts)][0]
+        raise CheckpointError(f"tensor {key!r}: expert id {int(bad)} outside [0, {n_experts}) (n_routed_experts)")
+
+
 def load_state_dict(model_dir: str | Path, cfg: DeepSeekV4Config, *,
                     progress: Callable[[LoadProgress], None] | None = None) -> dict[str, torch.Tensor]:
     """Read and validate a checkpoint; returns the module state dict, every tensor as stored (``tid2eid`` int64)."""
@@ -242,6 +249,8 @@ def load_state_dict(model_dir: str | Path, cfg: DeepSeekV4Config, *,
         with _open_shard(model_dir / shard) as f:
             for key in by_shard[shard]:
                 state[key] = f.get_tensor(key)
+                if key.endswith("gate.tid2eid"):
+                    _check_expert_ids(key, state[key], cfg.n_routed_experts)
                 done += 1
         log.info("loaded shard %d/%d %s (%d/%d tensors)", i, len(shards), shard, done, len(expected))
         if progress is not None:

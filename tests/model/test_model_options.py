@@ -187,6 +187,8 @@ def _bf16(key):
      r"'layers.0.ffn.gate.tid2eid'.*dtype I64.*dtype I32"),
     (lambda t: t.update({"layers.1.ffn.gate.tid2eid": t["layers.0.ffn.gate.tid2eid"].clone()}),
      "unexpected tensor 'layers.1.ffn.gate.tid2eid'"),
+    (lambda t: t["layers.0.ffn.gate.tid2eid"].__setitem__((5, 1), 8),
+     r"'layers.0.ffn.gate.tid2eid': expert id 8 outside \[0, 8\)"),
     (lambda t: t.pop("mtp.0.hc_head_scale"), "missing tensor 'mtp.0.hc_head_scale'"),
     (lambda t: t.update({"mtp.0.embed.weight": t["embed.weight"].clone()}), "unexpected tensor 'mtp.0.embed.weight'"),
     (lambda t: t.update({"mtp.0.attn.compressor.ape": torch.zeros(4, 256)}),
