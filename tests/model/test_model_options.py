@@ -43,6 +43,9 @@ OPTIONS = {
     "window-128-hca-first": {"sliding_window": 128, "compress_ratios": [128, 4, 128, 4, 0]},
     "ratios-8-32-64-window-5": {"compress_ratios": [8, 4, 32, 64, 0], "sliding_window": 5},
     "window-1-top-1": {"sliding_window": 1, "index_topk": 1},
+    "window-200-hc-1": {"sliding_window": 200, "hc_mult": 1},  # ring longer than a page; a single stream
+    "rope-32-eight-heads": {"qk_rope_head_dim": 32, "head_dim": 96, "index_head_dim": 32, "num_attention_heads": 8,
+                            "o_groups": 4, "index_n_heads": 8},
     "no-yarn-no-clamp": {"rope_scaling": None, "swiglu_limit": 0},
 }
 
