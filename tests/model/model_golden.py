@@ -6,13 +6,15 @@ packages import by name."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from ground_truth import SHARED
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
-from dsv4_agent.model import load_model
+from dsv4_agent.model import PAGE_SIZE, PagePool, Step, load_model
 
 torch.set_num_threads(1)  # tiny models: one thread is fastest, and CI shares 2 cores
 
@@ -75,3 +77,28 @@ def check_tolerance(a: torch.Tensor, g: torch.Tensor, tol: dict) -> dict[str, fl
         assert measured["argmax_agree"] >= tol["argmax_agree"], f"argmax_agree {measured['argmax_agree']:.3f}"
     assert measured, f"no metric in tolerance entry {tol}"
     return measured
+
+
+def run_chunks(model, ids: torch.Tensor, chunks: list[int], mode: str = "fp32") -> torch.Tensor:
+    """Logits [len(ids), vocab] of one fresh sequence fed ``ids`` in calls of ``chunks`` tokens each."""
+    seq = model.new_sequence(PagePool(model.config, len(ids) // PAGE_SIZE + 1))
+    out, pos = [], 0
+    for n in chunks:
+        out.append(model.forward([Step(seq, ids[pos:pos + n])], numerics=mode)[0].logits)
+        pos += n
+    assert pos == len(ids) == seq.length and len(seq.pages) == len(ids) // PAGE_SIZE
+    return torch.cat(out)
+
+
+def rewrite_checkpoint(path: Path, edit: Callable[[dict], object],
+                       index_edit: Callable[[dict], object] | None = None) -> None:
+    """Apply ``edit`` to the tensors of a single-file checkpoint, then ``index_edit`` to its index weight map
+    (by default the index lists exactly the tensors stored)."""
+    tensors = load_file(path / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, str(path / "model.safetensors"))
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    index["weight_map"] = dict.fromkeys(tensors, "model.safetensors")
+    if index_edit is not None:
+        index_edit(index["weight_map"])
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))

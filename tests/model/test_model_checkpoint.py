@@ -6,9 +6,9 @@ import json
 
 import pytest
 import torch
-from model_golden import CASES, MODEL_DIR
+from model_golden import CASES, MODEL_DIR, rewrite_checkpoint
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from dsv4_agent.model import (
     CheckpointError,
@@ -113,15 +113,6 @@ def written(tmp_path):
     return save_random_checkpoint(cfg, tmp_path / "ckpt", seed=3)
 
 
-def rewrite(path, edit):
-    tensors = load_file(path / "model.safetensors")
-    edit(tensors)
-    save_file(tensors, str(path / "model.safetensors"))
-    index = json.loads((path / "model.safetensors.index.json").read_text())
-    index["weight_map"] = dict.fromkeys(tensors, "model.safetensors")
-    (path / "model.safetensors.index.json").write_text(json.dumps(index))
-
-
 @pytest.mark.parametrize("edit,message", [
     (lambda t: t.pop("layers.1.attn.indexer.wq_b.scale"), "missing tensor 'layers.1.attn.indexer.wq_b.scale'"),
     (lambda t: t.update({"layers.9.attn.wkv.weight": torch.zeros(1)}), "unexpected tensor 'layers.9.attn.wkv.weight'"),
@@ -129,7 +120,7 @@ def rewrite(path, edit):
     (lambda t: t.update({"hc_head_base": torch.zeros(4, dtype=torch.bfloat16)}), "'hc_head_base'.*dtype F32"),
 ])
 def test_bad_checkpoints_name_the_key(written, edit, message):
-    rewrite(written, edit)
+    rewrite_checkpoint(written, edit)
     with pytest.raises(CheckpointError, match=message):
         load_model(written)
 

@@ -9,16 +9,13 @@ import json
 
 import pytest
 import torch
-from model_golden import max_rel
-from safetensors.torch import load_file, save_file
+from model_golden import max_rel, rewrite_checkpoint, run_chunks
 
 from dsv4_agent.model import (
     CheckpointError,
     ConfigError,
     DeepSeekV4,
     DeepSeekV4Config,
-    PagePool,
-    Step,
     expected_tensors,
     load_config,
     load_model,
@@ -50,17 +47,6 @@ OPTIONS = {
 }
 
 
-def run(model, ids, chunks, mode="fp32"):
-    pool = PagePool(model.config, 4)
-    seq = model.new_sequence(pool)
-    out, pos = [], 0
-    for n in chunks:
-        out.append(model.forward([Step(seq, ids[pos:pos + n])], numerics=mode)[0].logits)
-        pos += n
-    assert pos == len(ids) == seq.length and len(seq.pages) == len(ids) // 128
-    return torch.cat(out)
-
-
 @pytest.mark.parametrize("option", OPTIONS)
 def test_option_chunking_and_decode_equal_prefill(tmp_path, option):
     cfg = tiny_config(**OPTIONS[option])
@@ -68,10 +54,10 @@ def test_option_chunking_and_decode_equal_prefill(tmp_path, option):
     model = load_model(model_dir)
     assert model.config == cfg
     ids = torch.randint(0, cfg.vocab_size, (L,), generator=torch.Generator().manual_seed(1))
-    full = run(model, ids, [L])
+    full = run_chunks(model, ids, [L])
     assert torch.isfinite(full).all()
     for chunks in ([1, 1, 1, L - 3], [5, 123, 1, 1, 7, L - 137], [131, *[1] * (L - 131)]):
-        assert max_rel(run(model, ids, chunks), full) <= 1e-5, chunks
+        assert max_rel(run_chunks(model, ids, chunks), full) <= 1e-5, chunks
     # the MTP block through its own window: prefill + decode equals one pass
     mtp = reference_logits(model_dir, ids[:40], mode="mtp")
     assert mtp.shape == (39, cfg.vocab_size) and torch.isfinite(mtp).all()
@@ -165,17 +151,6 @@ def written(tmp_path):
     return save_random_checkpoint(tiny_config(compress_ratios=[0, 4, 128, 4, 0]), tmp_path / "ckpt", seed=3)
 
 
-def rewrite(path, edit, index_edit=None):
-    tensors = load_file(path / "model.safetensors")
-    edit(tensors)
-    save_file(tensors, str(path / "model.safetensors"))
-    index = json.loads((path / "model.safetensors.index.json").read_text())
-    index["weight_map"] = dict.fromkeys(tensors, "model.safetensors")
-    if index_edit is not None:
-        index_edit(index["weight_map"])
-    (path / "model.safetensors.index.json").write_text(json.dumps(index))
-
-
 def _bf16(key):
     return lambda t: t.update({key: t[key].float().to(torch.bfloat16)})
 
@@ -198,7 +173,7 @@ def _bf16(key):
      "unexpected tensor 'mtp.0.attn.compressor.ape'"),
 ])
 def test_bad_checkpoint_names_the_key(written, edit, message):
-    rewrite(written, edit)
+    rewrite_checkpoint(written, edit)
     with pytest.raises(CheckpointError, match=message):
         load_model(written)
 
@@ -211,19 +186,19 @@ def test_unquantized_checkpoint_is_named(written):
         for key in list(t):
             if t[key].dtype in (torch.float8_e4m3fn, torch.int8) and not key.endswith("tid2eid"):
                 t[key] = torch.zeros(t[key].shape, dtype=torch.bfloat16)
-    rewrite(written, dequantize)
+    rewrite_checkpoint(written, dequantize)
     with pytest.raises(CheckpointError, match=r"missing tensor '.*\.scale' \(and \d+ more\); .*unquantized"):
         load_model(written)
 
 
 def test_index_and_shards_must_agree(written):
-    rewrite(written, lambda t: None, lambda m: m.pop("norm.weight"))
+    rewrite_checkpoint(written, lambda t: None, lambda m: m.pop("norm.weight"))
     with pytest.raises(CheckpointError, match="missing tensor 'norm.weight'"):
         load_model(written)
-    rewrite(written, lambda t: t.update({"extra.weight": torch.zeros(2)}), lambda m: m.pop("extra.weight"))
+    rewrite_checkpoint(written, lambda t: t.update({"extra.weight": torch.zeros(2)}), lambda m: m.pop("extra.weight"))
     with pytest.raises(CheckpointError, match="stores tensor 'extra.weight' that .* does not list"):
         load_model(written)
-    rewrite(written, lambda t: [t.pop("head.weight"), t.pop("extra.weight")],
+    rewrite_checkpoint(written, lambda t: [t.pop("head.weight"), t.pop("extra.weight")],
             lambda m: m.update({"head.weight": "model.safetensors"}))
     with pytest.raises(CheckpointError, match="'head.weight' is listed in .* but not stored there"):
         load_model(written)
@@ -271,6 +246,6 @@ def test_quantized_numerics_need_128_blocks(tmp_path):
     cfg = tiny_config(q_lora_rank=64, hidden_size=192, moe_intermediate_size=96, vocab_size=100)
     model = load_model(save_random_checkpoint(cfg, tmp_path / "odd", seed=3))
     ids = torch.arange(20)
-    assert torch.isfinite(run(model, ids, [20])).all()
+    assert torch.isfinite(run_chunks(model, ids, [20])).all()
     with pytest.raises(ValueError, match="hidden_size = 192"):
-        run(model, ids, [20], mode="quant")
+        run_chunks(model, ids, [20], mode="quant")

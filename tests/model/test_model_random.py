@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from model_golden import MODEL_DIR, max_rel
+from model_golden import MODEL_DIR, max_rel, run_chunks
 
-from dsv4_agent.model import DeepSeekV4Config, PagePool, Step, load_config, load_model, save_random_checkpoint
+from dsv4_agent.model import DeepSeekV4Config, load_config, load_model, save_random_checkpoint
 
 L = 140
 
@@ -22,23 +22,12 @@ def smooth_model(tmp_path_factory):
     return load_model(save_random_checkpoint(cfg, tmp_path_factory.mktemp("smooth"), seed=11))
 
 
-def run(model, ids, chunks):
-    pool = PagePool(model.config, 8)
-    seq = model.new_sequence(pool)
-    out, pos = [], 0
-    for n in chunks:
-        out.append(model.forward([Step(seq, ids[pos:pos + n])], numerics="fp32")[0].logits)
-        pos += n
-    assert pos == len(ids) and seq.length == len(ids) and len(seq.pages) == len(ids) // 128
-    return torch.cat(out)
-
-
 @pytest.mark.parametrize("prompt", [1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 127, 128, 129])
 def test_prefill_decode_boundaries(smooth_model, prompt):
     ids = torch.randint(0, 64, (L,), generator=torch.Generator().manual_seed(prompt))
-    full = run(smooth_model, ids, [L])
+    full = run_chunks(smooth_model, ids, [L])
     assert torch.isfinite(full).all()
     steps = min(5, L - prompt)
-    mixed = run(smooth_model, ids, [prompt] + [1] * steps + ([L - prompt - steps] if L - prompt - steps else []))
+    mixed = run_chunks(smooth_model, ids, [prompt] + [1] * steps + ([L - prompt - steps] if L - prompt - steps else []))
     assert max_rel(mixed, full) <= 1e-5
 
