@@ -171,17 +171,20 @@ def _check_rendered(msg: Mapping[str, Any]) -> None:
     content = msg.get("content")
     if role == "developer" and not (isinstance(content, str) and content):
         raise _fail(source, i, "content", "developer content must be a non-empty string")
-    if role in ("system", "developer") and msg.get("tools"):
+    # The reference reads `tools` and `tool_calls` of every message it renders (only system / developer tools
+    # and assistant calls are written), so their shape is checked whatever the role.
+    if msg.get("tools"):
         tools = msg["tools"]
         if not isinstance(tools, list):
             raise _fail(source, i, "tools", "tools must be a list")
         for j, tool in enumerate(tools):
             if not isinstance(tool, Mapping) or "function" not in tool:
                 raise _fail(source, i, f"tools[{j}]", 'a tool must be {"type": "function", "function": {...}}')
-            _check_json(tool["function"], source, i, f"tools[{j}].function")
+            if role in ("system", "developer"):
+                _check_json(tool["function"], source, i, f"tools[{j}].function")
     if role in ("system", "developer") and msg.get("response_format"):
         _check_json(msg["response_format"], source, i, "response_format")
-    if role == "assistant" and msg.get("tool_calls"):
+    if msg.get("tool_calls"):
         calls = msg["tool_calls"]
         if not isinstance(calls, list):
             raise _fail(source, i, "tool_calls", "tool_calls must be a list")
@@ -192,7 +195,8 @@ def _check_rendered(msg: Mapping[str, Any]) -> None:
             for key in ("name", "arguments"):
                 if key not in fn:
                     raise _fail(source, i, f"tool_calls[{j}].function.{key}", "missing")
-            _validate_call_args(fn["arguments"], source, i, f"tool_calls[{j}].function.arguments")
+            if role == "assistant":
+                _validate_call_args(fn["arguments"], source, i, f"tool_calls[{j}].function.arguments")
 
 
 def _check_dicts(messages: Sequence[Any], source: str) -> None:
@@ -261,6 +265,9 @@ def _call_order(msg: Mapping[str, Any]) -> dict[Any, int]:
     for k, call in enumerate(calls):
         if not isinstance(call, Mapping):
             raise _fail(source, i, f"tool_calls[{k}]", f"a tool call must be a dict, got {type(call).__name__}")
+        if not call.get("id") and "function" in call and not isinstance(call["function"], Mapping):
+            # the reference looks for `function.id` here and fails (context included)
+            raise _fail(source, i, f"tool_calls[{k}].function", "a tool call needs a `function` object")
         if cid := call_id(call):
             if not isinstance(cid, Hashable):
                 field = f"tool_calls[{k}]." + ("id" if call.get("id") else "function.id")

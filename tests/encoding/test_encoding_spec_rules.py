@@ -393,6 +393,13 @@ for _ in range(3000):
     ([{"role": "system", "response_format": {"x": object()}}], None, "messages[0].response_format"),
     ([u("q", task=["action"])], None, "messages[0].task"),
     ([u("q"), a(calls=[{"function": {"arguments": "{}"}}])], None, "messages[1].tool_calls[0].function.name"),
+    # spec 2.2: a tool entry without `function` is an error whatever message carries it (the reference reads
+    # `tools` / `tool_calls` of every message it renders, though only system/developer tools are written)
+    ([u("q"), a("x", tools=[{"name": "f"}])], None, "messages[1].tools[0]"),
+    ([{"role": "latest_reminder", "content": "d", "tools": {"a": 1}}, u("q")], None, "messages[0].tools"),
+    ([{"role": "system", "content": "s", "tool_calls": [{"function": {"name": "f"}}]}, u("q")], None,
+     "messages[0].tool_calls[0].function.arguments"),
+    ([u("q")], [u("p"), a(calls=[{"id": "", "function": 3}])], "context[1].tool_calls[0].function"),
 ])
 def test_malformed_input_names_the_field(messages, context, where):
     for mode in ("chat", "thinking"):
