@@ -568,3 +568,14 @@ def test_context_split_before_an_assistant_is_append_only(messages, mode, data):
     whole = encode_messages(messages, mode, "max", drop_thinking=drop)
     assert encode_messages(context, mode, "max", drop_thinking=drop) + encode_messages(
         rest, mode, "max", context=context, drop_thinking=drop) == whole
+
+
+@PROPERTY
+@given(st.lists(safe_text, min_size=1, max_size=4), conversations(3), st.sampled_from(["chat", "thinking"]))
+def test_consecutive_user_messages_are_one_turn(texts, history, mode):
+    """spec 4.1/4.2: consecutive user messages (no task) render as one user message holding their texts joined
+    by a blank line, wherever they stand."""
+    split = [*history, *(u(t) for t in texts)]
+    joined = [*history, u("\n\n".join(texts))]
+    for drop in (True, False):
+        assert encode_messages(split, mode, drop_thinking=drop) == encode_messages(joined, mode, drop_thinking=drop)
