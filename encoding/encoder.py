@@ -11,8 +11,9 @@ Differences from the reference, all deliberate:
 * tool-call `arguments` given as an object render as their own parameters, like the equivalent JSON
   string (the reference wraps them in one `arguments` parameter; vector tag `deviation:dict-arguments`);
 * invalid input is rejected with `MessageError` naming the message and field, exactly where the reference
-  fails (messages it renders; a task when its transition is reached); `thinking_mode` and
-  `reasoning_effort` are checked up front, also when there is nothing to render;
+  fails (messages it renders; a task when its transition is reached; the call lists result ordering reads,
+  context included) -- also where the reference fails with a TypeError / KeyError / AttributeError;
+  `thinking_mode` and `reasoning_effort` are checked up front, also when there is nothing to render;
 * an assistant's `reasoning` is read as `reasoning_content` when that is absent or null (the reference
   ignores it and renders an empty reasoning block);
 * `verbatim_arguments=True` (opt-in) writes non-string argument values as the exact text found in the
