@@ -280,6 +280,14 @@ def test_task_output_has_no_reasoning_even_when_reasoning_is_kept():
         BOS + "\n\n" + TOOLS_TEXT + expected[len(BOS):])
 
 
+@pytest.mark.parametrize("task", ["query", "authority", "domain", "read_url"])
+@pytest.mark.parametrize("mode", ["chat", "thinking"])
+def test_user_task_token_follows_the_text_in_every_mode(task, mode):
+    """spec 9: these tasks put their token right after the user text, no ASSISTANT, whatever the mode and drop."""
+    for drop in (True, False):
+        assert encode_messages([u("t", task=task)], mode, drop_thinking=drop) == BOS + USER + f"t<｜{task}｜>"
+
+
 def test_task_suffix_before_a_reminder():
     """spec 5.2: a following latest_reminder triggers the task suffix like an assistant does."""
     assert encode_messages([u("q", task="query"), {"role": "latest_reminder", "content": "d"}], "chat") == (
