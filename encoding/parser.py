@@ -425,6 +425,8 @@ class StreamParser:
             return "need", None
         if tag is not None:
             closing, ident, end = tag
+            if end == n and not ident:  # (final) a tag cut right after its marker, before any name
+                return "partial", None
             if not closing and ident in _BLOCK_NAMES:
                 after = self._optional(end, ">", final)
                 return ("need", None) if after is _NEED else ("block", after)

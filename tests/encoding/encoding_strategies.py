@@ -77,8 +77,8 @@ def _mutate(text: str, kind: str, draw) -> str:
         return text.replace('string="false">', 'string="false">hello ', 1)
     if kind == "duplicate_param":
         at = text.find(f"<{DSML}parameter")
-        if at != -1:
-            end = text.index("\n", at)
+        end = text.find("\n", at)
+        if at != -1 and end != -1:  # (a truncated text may end inside the parameter)
             return text[:end + 1] + text[at:end + 1] + text[end + 1:]
         return text
     if kind == "truncate":
@@ -118,6 +118,15 @@ MARKER_RE = re.compile("</?[｜|]{1,2}DSML[｜|]{1,2}|[｜|]{1,2}DSML[｜|]{1,2}
                        + "|".join(map(re.escape, (EOS, BOS, THINK_OPEN, THINK_CLOSE))))
 
 
+PIPES = ("｜", "|", "｜｜", "||", "｜|", "|｜")
+MARKER_FORMS = (EOS, BOS, THINK_OPEN, THINK_CLOSE, *(f"{lead}{a}DSML{b}" for lead in ("<", "</", "") for a in PIPES for b in PIPES))
+
+
+def ends_in_marker_head(text: str) -> bool:
+    """`text` ends with the beginning of a marker (a lone `<` or pipe included)."""
+    return any(form.startswith(text[-k:]) for form in MARKER_FORMS for k in range(1, min(len(form), len(text)) + 1))
+
+
 @st.composite
 def cut_inside_marker(draw) -> tuple[bytes, str, str]:
     """(UTF-8 bytes of a rendered completion cut inside a marker, the text before that marker, mode).
@@ -127,8 +136,8 @@ def cut_inside_marker(draw) -> tuple[bytes, str, str]:
     mode = draw(st.sampled_from(["chat", "thinking"]))
     text = _rendered(draw, mode)
     spans = [m.span() for m in MARKER_RE.finditer(text)]
-    if not spans:  # EOS mutated away and no call: cut inside an EOS written after it
-        text += EOS
+    if not spans:  # EOS mutated away and no call (what is left may end in a truncated marker): an EOS alone
+        text, spans = EOS, [(0, len(EOS))]
         spans = [(len(text) - len(EOS), len(text))]
     start, end = draw(st.sampled_from(spans))
     before, marker = text[:start].encode(), text[start:end].encode()

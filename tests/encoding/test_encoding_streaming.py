@@ -23,7 +23,7 @@ from dsv4_agent.encoding import (
     render_assistant,
 )
 from dsv4_agent.encoding.tokens import BOS, DSML, EOS, THINK_CLOSE, THINK_OPEN
-from encoding_strategies import assistant_messages, completions, cut_inside_marker, split
+from encoding_strategies import assistant_messages, completions, cut_inside_marker, ends_in_marker_head, split
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -127,9 +127,9 @@ def test_cut_inside_a_marker_leaves_no_trace(case, points):
     does), in every parser state: the result is that of the text cut right before the marker, from the str
     and from the bytes in any chunking, and no delta holds DSML or the U+FFFD of the cut."""
     data, before, mode = case
-    # Text that ends in a marker head itself (`a<｜`, `a</`, `||`) is cut there too, so no reference: in the
-    # generated text such heads end in a pipe or a slash.
-    assume(before[-1:] not in ("｜", "|", "/"))
+    # Text that ends in a marker head itself (`a<｜b`, `a</`, `||`; in a value a lone `<`) is cut there too,
+    # so it is no reference.
+    assume(not ends_in_marker_head(before))
     text = data.decode("utf-8", errors="replace")
     expected = parse_completion(before, mode, id_factory=ids)
     assert parse_completion(text, mode, id_factory=ids) == expected
@@ -177,6 +177,7 @@ CALL = f'<{D}invoke name="f">\n<{D}parameter name="x" string="true">v'
     # cut without U+FFFD: a tag head leaves no `<`; in a block the call is still reported as cut
     ("hi<｜DS", "chat", "hi", "", None),
     (f"\n\n<{D}tool_calls>\n<｜DS", "chat", "", "", ""),
+    (f'<{D}invoke name="f">\n<{D}parameter name="n" string="false">1</{D}', "chat", "", "", '{"n": '),  # no name yet
     # U+FFFD that does not continue a marker head is text
     (f"a{CUT}b{CUT}", "chat", f"a{CUT}b{CUT}", "", None),
     (f"{CUT}", "chat", CUT, "", None),
