@@ -14,8 +14,6 @@ Differences from the reference, all deliberate:
   fails (messages it renders; a task when its transition is reached; the call lists result ordering reads,
   context included) -- also where the reference fails with a TypeError / KeyError / AttributeError;
   `thinking_mode` and `reasoning_effort` are checked up front, also when there is nothing to render;
-* an assistant's `reasoning` is read as `reasoning_content` when that is absent or null (the reference
-  ignores it and renders an empty reasoning block);
 * `verbatim_arguments=True` (opt-in) writes non-string argument values as the exact text found in the
   arguments string instead of re-serialising them (see README "Round trip").
 """
@@ -242,8 +240,6 @@ def _fold(messages: Sequence[Mapping[str, Any]], source: str) -> list[dict[str, 
         else:
             item = dict(msg)
             item["_at"] = (source, i)
-            if role == "assistant" and item.get("reasoning_content") is None and "reasoning" in item:
-                item["reasoning_content"] = item.pop("reasoning")  # the alias some clients send back
             folded.append(item)
     return folded
 

@@ -158,14 +158,15 @@ def test_encoder_does_not_mutate_its_input():
     assert prompt == "<｜User｜><tool_result>1</tool_result>\n\n<tool_result>2</tool_result><｜Assistant｜><think>"
 
 
-def test_reasoning_alias_is_read_by_the_encoder_itself():
+def test_reasoning_alias_is_left_to_normalize_messages():
+    """The encoder is byte-exact with the reference, which ignores `reasoning` (empty reasoning is rendered);
+    `normalize_messages` is where the alias becomes `reasoning_content`."""
     conv = [{"role": "system", "content": "", "tools": TOOLS}, {"role": "user", "content": "q"}]
-    aliased = encode_messages([*conv, {"role": "assistant", "reasoning": "R", "content": "A"}], "thinking")
-    assert aliased == encode_messages([*conv, {"role": "assistant", "reasoning_content": "R", "content": "A"}], "thinking")
-    # dropped history loses the alias too
-    history = [{"role": "user", "content": "q"}, {"role": "assistant", "reasoning": "R", "content": "A"},
-               {"role": "user", "content": "q2"}]
-    assert "R" not in encode_messages(history, "thinking")
+    aliased = [*conv, {"role": "assistant", "reasoning": "R", "content": "A"}]
+    assert encode_messages(aliased, "thinking") == encode_messages([*conv, {"role": "assistant", "content": "A"}],
+                                                                   "thinking")
+    assert encode_messages(normalize_messages(aliased), "thinking") == encode_messages(
+        [*conv, {"role": "assistant", "reasoning_content": "R", "content": "A"}], "thinking")
 
 
 def _parts(text: str) -> list[dict]:
