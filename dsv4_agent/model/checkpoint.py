@@ -24,7 +24,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from . import ops
-from .config import FP8_BLOCK, DeepSeekV4Config, load_config
+from .config import FP8_WEIGHT_BLOCK, DeepSeekV4Config, load_config
 from .model import DeepSeekV4
 
 log = logging.getLogger(__name__)
@@ -289,10 +289,10 @@ def quantize_fp8_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 [out, in] -> (float8_e4m3fn [out, in], float8_e8m0fnu [ceil(out/128), ceil(in/128)]) with power-of-two
     block scales (amax / 448 rounded up)."""
     out, inp = w.shape
-    po, pi = _cdiv(out, FP8_BLOCK) * FP8_BLOCK, _cdiv(inp, FP8_BLOCK) * FP8_BLOCK
+    po, pi = _cdiv(out, FP8_WEIGHT_BLOCK) * FP8_WEIGHT_BLOCK, _cdiv(inp, FP8_WEIGHT_BLOCK) * FP8_WEIGHT_BLOCK
     padded = torch.zeros(po, pi)
     padded[:out, :inp] = w
-    blocks = padded.view(po // FP8_BLOCK, FP8_BLOCK, pi // FP8_BLOCK, FP8_BLOCK)
+    blocks = padded.view(po // FP8_WEIGHT_BLOCK, FP8_WEIGHT_BLOCK, pi // FP8_WEIGHT_BLOCK, FP8_WEIGHT_BLOCK)
     amax = blocks.abs().amax((1, 3)).clamp_min(1e-4)
     scale = ops.pow2_ceil(amax / ops.FP8_MAX)
     q = (blocks / scale[:, None, :, None]).clamp(-ops.FP8_MAX, ops.FP8_MAX).to(torch.float8_e4m3fn)

@@ -15,7 +15,7 @@ from typing import Any
 # Compressed entries live in pages of this many tokens, aligned to absolute positions (see cache.py).
 PAGE_SIZE = 128
 # Every linear that the release stores as FP8 uses square blocks of this size for its scales.
-FP8_BLOCK = 128
+FP8_WEIGHT_BLOCK = 128
 
 
 class ConfigError(ValueError):
@@ -276,7 +276,7 @@ class DeepSeekV4Config:
             "scoring_func": "sqrtsoftplus", "topk_method": "noaux_tc", "tie_word_embeddings": False,
             "torch_dtype": "bfloat16", "use_cache": True, "initializer_range": 0.02,
             "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
-                                    "scale_fmt": "ue8m0", "weight_block_size": [FP8_BLOCK, FP8_BLOCK]},
+                                    "scale_fmt": "ue8m0", "weight_block_size": [FP8_WEIGHT_BLOCK, FP8_WEIGHT_BLOCK]},
             "rope_scaling": {"type": "yarn", "factor": self.rope_factor,
                              "original_max_position_embeddings": self.rope_original_max_position,
                              "beta_fast": self.rope_beta_fast, "beta_slow": self.rope_beta_slow},
@@ -330,7 +330,7 @@ def _check_quantization(quant: Any) -> None:
     if not isinstance(quant, dict):
         raise ConfigError(f"config.json: field 'quantization_config' must be an object, got {quant!r}")
     want = {"quant_method": "fp8", "fmt": "e4m3", "scale_fmt": "ue8m0", "activation_scheme": "dynamic",
-            "weight_block_size": [FP8_BLOCK, FP8_BLOCK]}
+            "weight_block_size": [FP8_WEIGHT_BLOCK, FP8_WEIGHT_BLOCK]}
     for key, value in want.items():
         if key in quant and quant[key] != value:
             raise ConfigError(f"config.json: 'quantization_config.{key}' must be {value!r}, got {quant[key]!r}")

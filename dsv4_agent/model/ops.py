@@ -45,7 +45,7 @@ from dsv4_agent.kernels.numerics import (  # noqa: F401
 )
 from dsv4_agent.kernels.numerics import hadamard_rotate as hadamard  # noqa: F401
 
-from .config import FP8_BLOCK
+from .config import FP8_WEIGHT_BLOCK
 
 # e2m1 code values in code-index order; code bit 3 is the sign (the packed FP4 weight format).
 FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
@@ -160,7 +160,7 @@ def dequant_fp4_weight(w: torch.Tensor, scale: torch.Tensor, block: int = 32, of
     return values * scale.float().repeat_interleave(block, 1)[:, offset:offset + values.shape[1]]
 
 
-FP4_WEIGHT_BLOCK = 32  # released FP4 scale granularity (FP8: FP8_BLOCK x FP8_BLOCK blocks)
+FP4_WEIGHT_BLOCK = 32  # released FP4 scale granularity (FP8: FP8_WEIGHT_BLOCK x FP8_WEIGHT_BLOCK blocks)
 _STORED_DTYPES = {"fp8": torch.float8_e4m3fn, "fp4": torch.int8, "bf16": torch.bfloat16}
 
 
@@ -170,7 +170,7 @@ def stored_weight_shapes(out: int, inp: int, stored: str) -> tuple[tuple[tuple[i
     if stored not in _STORED_DTYPES:
         raise ValueError(f"unknown stored weight format {stored!r}; expected one of {sorted(_STORED_DTYPES)}")
     if stored == "fp8":
-        b = FP8_BLOCK
+        b = FP8_WEIGHT_BLOCK
         return ((out, inp), torch.float8_e4m3fn), ((-(-out // b), -(-inp // b)), torch.float8_e8m0fnu)
     if stored == "fp4":
         return ((out, inp // 2), torch.int8), ((out, -(-inp // FP4_WEIGHT_BLOCK)), torch.float8_e8m0fnu)
@@ -182,7 +182,7 @@ def dequant_weight(w: torch.Tensor, scale: torch.Tensor | None, stored: str,
     """A stored linear weight (:func:`stored_weight_shapes`) -> fp32 [out, in], exactly. ``offset`` as in
     :func:`dequant_fp8_weight` (FP4 uses its column)."""
     if stored == "fp8":
-        return dequant_fp8_weight(w, scale, FP8_BLOCK, offset)
+        return dequant_fp8_weight(w, scale, FP8_WEIGHT_BLOCK, offset)
     if stored == "fp4":
         return dequant_fp4_weight(w, scale, FP4_WEIGHT_BLOCK, offset[1])
     return w.float()

@@ -48,7 +48,7 @@ from dsv4_agent.model.checkpoint import (
     check_tensor,
     expected_tensors,
 )
-from dsv4_agent.model.config import FP8_BLOCK
+from dsv4_agent.model.config import FP8_WEIGHT_BLOCK
 from dsv4_agent.model.model import Split, TensorParallel
 from dsv4_agent.serve.v4pool import ARCH, PageView, V4KVPool
 
@@ -122,10 +122,10 @@ class StoredWeightMethod(LinearMethodBase):
         c0 = rank * cols if cols != input_size else 0
         (w_shape, w_dtype), scale = ops.stored_weight_shapes(rows, cols, self.stored)
         if self.stored == "fp8":
-            (b0, b1), (k0, k1) = _block_span(r0, rows, FP8_BLOCK), _block_span(c0, cols, FP8_BLOCK)
+            (b0, b1), (k0, k1) = _block_span(r0, rows, FP8_WEIGHT_BLOCK), _block_span(c0, cols, FP8_WEIGHT_BLOCK)
             w_slice, s_slice = ((r0, r0 + rows), (c0, c0 + cols)), ((b0, b1), (k0, k1))
             scale = ((b1 - b0, k1 - k0), scale[1])
-            layer.block_offset = (r0 % FP8_BLOCK, c0 % FP8_BLOCK)
+            layer.block_offset = (r0 % FP8_WEIGHT_BLOCK, c0 % FP8_WEIGHT_BLOCK)
         elif self.stored == "fp4":
             if c0 % 2 or cols % 2:
                 raise ValueError(f"packed FP4 weights split at an odd column ({c0}, width {cols})")
