@@ -30,12 +30,15 @@ from dsv4_agent.serve.testing import free_port
 SHARDED = ("attn.wq_b.", "attn.wo_a.", "attn.wo_b.", "attn.attn_sink", "experts.", "embed.", "head.")
 
 
-def _run(model, prompts: list[list[int]], chunks: list[int]) -> list[torch.Tensor]:
+def _run(model, prompts: list[list[int]], chunks: list[int]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Feed every prompt in the given chunk sizes (all sequences batched together), then 3 greedy decodes;
-    returns per sequence the logits of every step's last token."""
+    returns per sequence the logits of every step's last token, and the MTP block's logits at every position
+    (fed the main streams and next tokens in the same chunk sizes)."""
     pool = PagePool(model.config, 64)
     seqs = [model.new_sequence(pool) for _ in prompts]
     logits: list[list[torch.Tensor]] = [[] for _ in prompts]
+    streams: list[list[torch.Tensor]] = [[] for _ in prompts]
+    fed = [list(p) for p in prompts]
     pos = [0] * len(prompts)
     for size in chunks:
         steps, owners = [], []
@@ -46,12 +49,26 @@ def _run(model, prompts: list[list[int]], chunks: list[int]) -> list[torch.Tenso
                 pos[i] = min(len(p), pos[i] + size)
         for i, out in zip(owners, model.forward(steps, numerics="fp32"), strict=True):
             logits[i].append(out.logits[-1])
+            streams[i].append(out.streams)
     for _ in range(3):
         nxt = [int(lg[-1].argmax()) for lg in logits]
         outs = model.forward([Step(s, torch.tensor([t])) for s, t in zip(seqs, nxt, strict=True)], numerics="fp32")
-        for i, out in enumerate(outs):
+        for i, (out, t) in enumerate(zip(outs, nxt, strict=True)):
             logits[i].append(out.logits[-1])
-    return [torch.stack(lg) for lg in logits]
+            streams[i].append(out.streams)
+            fed[i].append(t)
+    # MTP: position t's main stream + token t + 1 -> the prediction of token t + 2
+    mtp: list[list[torch.Tensor]] = [[] for _ in prompts]
+    all_streams = [torch.cat(st) for st in streams]
+    pos = [0] * len(prompts)
+    while any(pos[i] < len(f) - 1 for i, f in enumerate(fed)):
+        spans = {i: (pos[i], min(len(f) - 1, pos[i] + chunks[0])) for i, f in enumerate(fed) if pos[i] < len(f) - 1}
+        outs = model.forward_mtp([seqs[i] for i in spans], [all_streams[i][a:b] for i, (a, b) in spans.items()],
+                                 [torch.tensor(fed[i][a + 1:b + 1]) for i, (a, b) in spans.items()], numerics="fp32")
+        for (i, (_, b)), out in zip(spans.items(), outs, strict=True):
+            mtp[i].append(out)
+            pos[i] = b
+    return [torch.stack(lg) for lg in logits], [torch.cat(m) for m in mtp]
 
 
 def _param_bytes(model: torch.nn.Module) -> dict[str, int]:
@@ -148,12 +165,13 @@ def test_two_ranks_match_one_and_hold_their_shard(tmp_path, tiny_config):
     one, = _results(*group_of_one)
     two = _results(*group_of_two)
 
-    # 1 rank of SGLang layers == the plain model, bit for bit (same stored weights, same ops)
-    for e, o in zip(plain, one[1], strict=True):
+    # 1 rank of SGLang layers == the plain model, bit for bit (same stored weights, same ops), MTP block too
+    for e, o in zip([*plain[0], *plain[1]], [*one[1][0], *one[1][1]], strict=True):
         assert torch.equal(o, e)
+    assert [m.shape[0] for m in one[1][1]] == [len(p) + 2 for p in prompts]
     # 2 ranks == 1 rank up to the all-reduce's summation order, on both ranks
-    for _, logits, *_ in two:
-        for e, o in zip(one[1], logits, strict=True):
+    for _, (logits, mtp), *_ in two:
+        for e, o in zip([*one[1][0], *one[1][1]], [*logits, *mtp], strict=True):
             assert e.shape == o.shape
             torch.testing.assert_close(o, e, rtol=1e-4, atol=1e-4)
             assert torch.equal(o.argmax(-1), e.argmax(-1))
