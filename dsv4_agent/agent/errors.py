@@ -53,7 +53,12 @@ class RunCancelled(AgentError):
 
 
 class ModelHTTPError(AgentError):
-    """The endpoint answered with a non-retryable error, or transient errors outlasted the retries."""
+    """The endpoint answered with a non-retryable error, or transient errors outlasted the retries.
+    `status_code`: the HTTP status (or the in-band error code) of the last failure; None without one."""
+
+    def __init__(self, message: str, status_code: int | None = None) -> None:
+        super().__init__(message)
+        self.status_code = status_code
 
 
 class ToolCallError(Exception):

@@ -17,17 +17,18 @@ an empty `<think></think>` in place of what the model actually generated.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import os
 import random
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from typing import Any
 
 import httpx
 import openai
-import pydantic
+import pydantic_core
 from openai.types.chat import ChatCompletionChunk
 
 from dsv4_agent.agent.agent import Agent
@@ -80,6 +81,10 @@ class Limits:
     def __post_init__(self) -> None:
         if self.max_turns < 1:
             raise ValueError(f"max_turns: expected >= 1, got {self.max_turns}")
+        if self.tool_timeout is not None and not self.tool_timeout > 0:
+            raise ValueError(f"tool_timeout: expected seconds > 0 or None, got {self.tool_timeout}")
+        if self.max_total_tokens is not None and self.max_total_tokens < 1:
+            raise ValueError(f"max_total_tokens: expected >= 1 or None, got {self.max_total_tokens}")
 
 
 @dataclasses.dataclass
@@ -90,6 +95,12 @@ class RetryPolicy:
     max_retries: int = 3
     initial_delay_s: float = 0.5
     max_delay_s: float = 8.0
+
+    def __post_init__(self) -> None:
+        if self.max_retries < 0:
+            raise ValueError(f"max_retries: expected >= 0, got {self.max_retries}")
+        if self.initial_delay_s < 0 or self.max_delay_s < 0:
+            raise ValueError(f"retry delays: expected >= 0, got {self.initial_delay_s}, {self.max_delay_s}")
 
     def delay(self, attempt: int, error: BaseException) -> float:
         retry_after = _retry_after_seconds(error)
@@ -247,10 +258,35 @@ class Runner:
         return SyncRunStream(self.stream(agent, input, history=history, limits=limits), loop)
 
     def close(self) -> None:
-        """Close the HTTP client and the private loop of the sync API."""
-        if self._loop is not None and not self._loop.is_closed():
-            self._loop.run_until_complete(self.client.close())
-            self._loop.close()
+        """Close the HTTP client and the private loop of the sync API (`with Runner(...) as runner:` does it)."""
+        if self._loop is None or self._loop.is_closed():
+            return
+        # Runs abandoned by a sync consumer were cancelled but never driven since: let them close their HTTP
+        # streams and tool calls before the loop goes.
+        abandoned = asyncio.all_tasks(self._loop)
+        for task in abandoned:
+            task.cancel()
+        if abandoned:
+            self._loop.run_until_complete(asyncio.gather(*abandoned, return_exceptions=True))
+        self._loop.run_until_complete(self.client.close())
+        self._loop.run_until_complete(self._loop.shutdown_asyncgens())
+        self._loop.close()
+
+    async def aclose(self) -> None:
+        """Close the HTTP client (async code; `async with Runner(...) as runner:` does it)."""
+        await self.client.close()
+
+    def __enter__(self) -> Runner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    async def __aenter__(self) -> Runner:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
 
     def _sync_loop(self) -> asyncio.AbstractEventLoop:
         try:
@@ -285,10 +321,14 @@ class Runner:
                 yield ContextTrimmed(turn, stats["elided"], stats["dropped"], stats["before"], stats["after"])
             yield TurnStarted(turn)
             turn_out = _TurnOutput()
-            async for event in self._model_turn(turn, model, system + state.history, options, turn_out):
-                yield event
+            # aclosing: a run stopped at a yield closes the HTTP stream now, not when the generator is collected.
+            deltas = self._model_turn(turn, model, system + state.history, options, turn_out)
+            async with contextlib.aclosing(deltas):
+                async for event in deltas:
+                    yield event
             message = turn_out.message(agent.thinking)
             state.history.append(message)
+            state.pending_calls, state.pending_outputs = list(message.get("tool_calls", [])), {}
             state.turn_usage.append(turn_out.usage)
             state.usage = state.usage + turn_out.usage
             state.reasoning, state.final_output = turn_out.reasoning, turn_out.content
@@ -302,7 +342,6 @@ class Runner:
             yield TurnUsage(turn, turn_out.usage)
             yield TurnFinished(turn, turn_out.finish_reason, message)
 
-            state.pending_calls, state.pending_outputs = list(message.get("tool_calls", [])), {}
             # The budget bounds *continuing*: a final answer that crosses it is still returned.
             over_budget = (
                 limits.max_total_tokens is not None and state.usage.total_tokens > limits.max_total_tokens
@@ -314,9 +353,11 @@ class Runner:
                 )
             if turn_out.calls:
                 outputs: list[str] = [""] * len(turn_out.calls)
-                async for result in self._run_tools(turn, turn_out.calls, tools, limits):
-                    outputs[result.index] = state.pending_outputs[result.call_id] = result.output
-                    yield result
+                results = self._run_tools(turn, turn_out.calls, tools, limits)
+                async with contextlib.aclosing(results):  # a stop at a yield cancels the other calls now
+                    async for result in results:
+                        outputs[result.index] = state.pending_outputs[result.call_id] = result.output
+                        yield result
                 state.history.extend(
                     {"role": "tool", "tool_call_id": c["id"], "content": out}
                     for c, out in zip(state.pending_calls, outputs, strict=True)
@@ -350,15 +391,11 @@ class Runner:
                     async for chunk in stream:
                         for event in out.feed(turn, chunk):
                             yield event
+                if not out.answered:  # e.g. only `[DONE]`, or a 200 page that is not an event stream
+                    raise _IncompleteStream("the response stream ended without a completion chunk")
                 return
-            except (openai.APIConnectionError, openai.APIStatusError, httpx.TransportError) as error:
-                if isinstance(error, openai.APIStatusError) and not _is_transient(error):
-                    raise _status_error(error) from error
-                attempt += 1
-                if attempt > self.retry.max_retries:
-                    raise ModelHTTPError(
-                        f"model request failed after {self.retry.max_retries} retries: {error}"
-                    ) from error
+            except _REQUEST_ERRORS as error:
+                attempt = self._count_failure(error, attempt, "model request")
                 delay = self.retry.delay(attempt, error)
                 yield TurnRetried(turn, attempt, f"{type(error).__name__}: {error}", delay)
                 await asyncio.sleep(delay)
@@ -406,10 +443,28 @@ class Runner:
             error, output = e, f"Error: {e}"
         return ToolResult(turn, index, call.id, call.name, output, error, time.perf_counter() - start)
 
+    def _count_failure(self, error: BaseException, attempt: int, what: str) -> int:
+        """The attempt number of the retry after `error`; raise the run-ending error if there is none."""
+        if not _is_transient(error):
+            raise _status_error(error) from error
+        if attempt >= self.retry.max_retries:
+            raise ModelHTTPError(
+                f"{what} to {self.client.base_url} failed after {self.retry.max_retries} retries: "
+                f"{type(error).__name__}: {error}",
+                _error_code(error),
+            ) from error
+        return attempt + 1
+
     async def _default_model(self) -> str:
         """The endpoint's first model (a V4 server serves one)."""
-        if self.model is None:
-            models = await self.client.models.list()
+        attempt = 0
+        while self.model is None:
+            try:
+                models = await self.client.models.list()
+            except _REQUEST_ERRORS as error:
+                attempt = self._count_failure(error, attempt, "listing the models")
+                await asyncio.sleep(self.retry.delay(attempt, error))
+                continue
             if not models.data:
                 raise ModelHTTPError("the endpoint lists no models; pass model=...")
             self.model = models.data[0].id
@@ -420,9 +475,12 @@ class RunStream:
     """The events of a run in progress (`async for`), produced by a background task so that `cancel()` can
     stop it from anywhere: the HTTP stream is closed, running tool calls are cancelled, and iteration ends
     with `RunCancelled` (its `.result` holds the history so far, continuable). Use as `async with` to
-    cancel automatically when the block is left early. After the end, `result` holds the RunResult."""
+    cancel automatically when the block is left early. After the end, `result` holds the RunResult.
 
-    def __init__(self, events: AsyncIterator[Event], state: _RunState) -> None:
+    The run does not go ahead of its consumer: it waits until the last event was taken. A stream left
+    early without `async with` / `cancel()` therefore stops where it was, and is cancelled once dropped."""
+
+    def __init__(self, events: AsyncGenerator[Event, None], state: _RunState) -> None:
         self._events = events
         self._state = state
         self._queue: asyncio.Queue[Event | _End] = asyncio.Queue()
@@ -438,12 +496,14 @@ class RunStream:
         if self._done:
             raise StopAsyncIteration
         if self._task is None and not self._cancelled_early:
-            self._task = asyncio.ensure_future(self._pump())
+            # The task holds no reference to `self`, so that dropping an abandoned stream cancels it.
+            self._task = asyncio.ensure_future(_pump(self._events, self._queue, self._state))
         try:
             item = await self._queue.get()
         except asyncio.CancelledError:
             self.cancel()  # the consumer was cancelled: stop the producer too
             raise
+        self._queue.task_done()  # lets the producer go on to the next event
         if isinstance(item, _End):
             self._done = True
             if item.error is not None:
@@ -470,25 +530,43 @@ class RunStream:
         if self._task is not None:
             await asyncio.gather(self._task, return_exceptions=True)
 
+    async def aclose(self) -> None:
+        """`cancel()` and wait until the producer has stopped (for `contextlib.aclosing`)."""
+        self.cancel()
+        await self.wait_closed()
+
     async def __aenter__(self) -> RunStream:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        self.cancel()
-        await self.wait_closed()
+        await self.aclose()
 
-    async def _pump(self) -> None:
-        try:
-            async for event in self._events:
-                self._queue.put_nowait(event)
-        except asyncio.CancelledError:
-            self._queue.put_nowait(_End(_with_result(RunCancelled("the run was cancelled"), self._state)))
-        except AgentError as e:
-            self._queue.put_nowait(_End(e if hasattr(e, "result") else _with_result(e, self._state)))
-        except BaseException as e:  # a bug or an unexpected exception: hand it to the consumer as is
-            self._queue.put_nowait(_End(e))
-        else:
-            self._queue.put_nowait(_End(None))
+    def __del__(self) -> None:
+        # Dropped while its run is still going (a loop left early without `async with`): stop the run rather
+        # than let it call the model and run tools in the background.
+        task = getattr(self, "_task", None)
+        if task is not None and not task.done() and not task.get_loop().is_closed():
+            task.cancel()
+
+
+async def _pump(
+    events: AsyncGenerator[Event, None], queue: asyncio.Queue[Event | _End], state: _RunState
+) -> None:
+    """Move a run's events to its RunStream's queue, one at a time; always end with an `_End`."""
+    try:
+        async for event in events:
+            queue.put_nowait(event)
+            await queue.join()  # until the consumer took it (a cancel can land here, between two events)
+    except asyncio.CancelledError:
+        queue.put_nowait(_End(_with_result(RunCancelled("the run was cancelled"), state)))
+    except AgentError as e:
+        queue.put_nowait(_End(e if hasattr(e, "result") else _with_result(e, state)))
+    except BaseException as e:  # a bug or an unexpected exception: hand it to the consumer as is
+        queue.put_nowait(_End(e))
+    else:
+        queue.put_nowait(_End(None))
+    finally:
+        await events.aclose()  # stopped between two events: close the HTTP stream, cancel the tool calls
 
 
 class SyncRunStream:
@@ -519,6 +597,9 @@ class SyncRunStream:
         self._stream.cancel()
         self._loop.run_until_complete(self._stream.wait_closed())
 
+    def close(self) -> None:
+        self.cancel()
+
     def __enter__(self) -> SyncRunStream:
         return self
 
@@ -542,6 +623,10 @@ class _End:
     error: BaseException | None
 
 
+class _IncompleteStream(Exception):
+    """A 200 answer that carried no completion: retried like a broken stream."""
+
+
 class _TurnOutput:
     """Accumulates a streamed chat completion: reasoning, content, tool calls (by index), usage."""
 
@@ -555,6 +640,7 @@ class _TurnOutput:
         self.finish_reason: str | None = None
         self.usage = Usage()
         self.has_usage = False
+        self.answered = False  # a chunk with a choice arrived
 
     @property
     def calls(self) -> list[_Call]:
@@ -564,6 +650,7 @@ class _TurnOutput:
         if chunk.usage is not None:
             self.usage, self.has_usage = _usage(chunk.usage), True
         for choice in chunk.choices or ():
+            self.answered = True
             delta = choice.delta
             # SGLang/DeepSeek call it reasoning_content; vLLM >= 0.11 calls it reasoning.
             reasoning = getattr(delta, "reasoning_content", None) or getattr(delta, "reasoning", None)
@@ -576,15 +663,14 @@ class _TurnOutput:
             for tc in delta.tool_calls or ():
                 index = tc.index if tc.index is not None else len(self.calls_by_index)
                 call = self.calls_by_index.get(index)
-                if call is None:
-                    call = self.calls_by_index[index] = _Call(id="")
-                if tc.id:
+                if call is None:  # an id of our own until the server's arrives (events and history agree)
+                    call = self.calls_by_index[index] = _Call(id=f"call_{turn}_{index}")
+                if tc.id and not call.started:
                     call.id = tc.id
                 fn = tc.function
                 if fn is not None and fn.name:
                     call.name = fn.name  # servers send the whole name once
                 if not call.started and call.name:
-                    call.id = call.id or f"call_{turn}_{index}"
                     call.started = True
                     yield ToolCallStarted(turn, index, call.id, call.name)
                     if call.arguments:  # arguments that arrived before the name
@@ -604,12 +690,8 @@ class _TurnOutput:
         if self.calls_by_index:
             message["content"] = self.content or None
             message["tool_calls"] = [
-                {
-                    "id": c.id or f"call_{i}",
-                    "type": "function",
-                    "function": {"name": c.name, "arguments": c.arguments},
-                }
-                for i, c in enumerate(self.calls)
+                {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                for c in self.calls
             ]
         return message
 
@@ -647,16 +729,13 @@ def _usage(u: Any) -> Usage:
 
 
 def _to_text(value: Any) -> str:
+    """A tool's return value as the model reads it: a string as is, anything else as JSON (pydantic models,
+    dataclasses, enums, dates, sets ... included, also nested; what JSON cannot express becomes its str)."""
     if isinstance(value, str):
         return value
-    if isinstance(value, pydantic.BaseModel):
-        return value.model_dump_json()
     if value is None:
         return ""
-    try:
-        return json.dumps(value, ensure_ascii=False, default=str)
-    except (TypeError, ValueError):
-        return str(value)
+    return json.dumps(pydantic_core.to_jsonable_python(value, fallback=str), ensure_ascii=False)
 
 
 def _with_result(error: AgentError, state: _RunState) -> AgentError:
@@ -664,18 +743,35 @@ def _with_result(error: AgentError, state: _RunState) -> AgentError:
     return error
 
 
-def _is_transient(error: openai.APIStatusError) -> bool:
-    return error.status_code in (408, 409, 429) or error.status_code >= 500
+# A request that failed: an HTTP error status, no connection or a timeout, a stream broken midway (also one
+# the server ended with an in-band `{"error": ...}` event, which openai raises as a bare APIError) or unreadable.
+_REQUEST_ERRORS = (openai.APIError, httpx.TransportError, json.JSONDecodeError, _IncompleteStream)
 
 
-def _status_error(error: openai.APIStatusError) -> AgentError:
+def _error_code(error: BaseException) -> int | None:
+    """The HTTP status of an error answer, or the `code` of an error event inside a stream."""
+    if isinstance(error, openai.APIStatusError):
+        return error.status_code
+    body = getattr(error, "body", None)
+    code = body.get("code") if isinstance(body, dict) else None
+    return int(code) if isinstance(code, int | str) and str(code).isdigit() else None
+
+
+def _is_transient(error: BaseException) -> bool:
+    """Worth retrying: no answer, a broken stream, HTTP 408/409/429/5xx (in-band codes alike)."""
+    code = _error_code(error)
+    return code is None or code in (408, 409, 429) or code >= 500
+
+
+def _status_error(error: BaseException) -> AgentError:
+    code = _error_code(error)
     text = str(error)
     lowered = text.lower()
-    if error.status_code == 400 and (
-        "context length" in lowered or "maximum context" in lowered or "too long" in lowered
-    ):
+    if code == 400 and ("context length" in lowered or "maximum context" in lowered or "too long" in lowered):
         return ContextWindowExceeded(f"the endpoint rejected the prompt as too long: {text}")
-    return ModelHTTPError(f"the endpoint answered HTTP {error.status_code}: {text}")
+    if isinstance(error, openai.APIStatusError):
+        return ModelHTTPError(f"the endpoint answered HTTP {code}: {text}", code)
+    return ModelHTTPError(f"the endpoint reported an error in the stream (code {code}): {text}", code)
 
 
 def _retry_after_seconds(error: BaseException) -> float | None:

@@ -16,9 +16,10 @@ import inspect
 import json
 import re
 from collections.abc import Callable
-from typing import Any, get_type_hints
+from typing import Annotated, Any
 
 import pydantic
+from pydantic.fields import FieldInfo
 
 from dsv4_agent.agent.errors import ToolArgumentsError
 
@@ -41,7 +42,8 @@ class Tool:
 
     @property
     def is_async(self) -> bool:
-        return inspect.iscoroutinefunction(self.fn)
+        # A callable object with an `async def __call__` is async too (iscoroutinefunction misses it).
+        return inspect.iscoroutinefunction(self.fn) or inspect.iscoroutinefunction(type(self.fn).__call__)
 
     def json_schema(self) -> dict[str, Any]:
         """The `parameters` JSON schema (titles removed: they only repeat the names and cost prompt tokens)."""
@@ -80,10 +82,12 @@ class Tool:
     async def invoke(self, args: pydantic.BaseModel) -> Any:
         """Run the tool with validated arguments. Sync functions run in a worker thread so that parallel calls
         overlap and the event loop stays responsive."""
-        kwargs = {name: getattr(args, name) for name in type(args).model_fields}
+        kwargs = {field.alias or name: getattr(args, name) for name, field in type(args).model_fields.items()}
         if self.is_async:
             return await self.fn(**kwargs)
-        return await asyncio.to_thread(functools.partial(self.fn, **kwargs))
+        value = await asyncio.to_thread(functools.partial(self.fn, **kwargs))
+        # A sync wrapper (e.g. a decorator without `async def`) may hand back a coroutine: run it here.
+        return await value if inspect.isawaitable(value) else value
 
 
 def tool(
@@ -96,7 +100,9 @@ def tool(
     """Make a `Tool` from a function; usable as `@tool` or `@tool(name=..., timeout=...)`.
 
     Every parameter needs a type hint; `*args`/`**kwargs` are not allowed (the model calls with a JSON object).
-    Unknown argument names are rejected (the schema has `additionalProperties: false`).
+    Unknown argument names are rejected (the schema has `additionalProperties: false`). A default may be a
+    `pydantic.Field(...)` (constraints, a description). Callable objects and `functools.partial` work too
+    (they need `name=`).
     """
 
     def build(f: Callable[..., Any]) -> Tool:
@@ -109,22 +115,39 @@ def _make_tool(
     fn: Callable[..., Any], *, name: str | None, description: str | None, timeout: float | None
 ) -> Tool:
     summary, param_docs = parse_docstring(inspect.getdoc(fn) or "")
-    tool_name = name or fn.__name__
+    tool_name = name or getattr(fn, "__name__", None)
+    if tool_name is None:
+        raise ValueError(f"tool {fn!r} has no __name__: pass name=...")
     if not re.fullmatch(r"[A-Za-z0-9_.\-]{1,64}", tool_name):
         raise ValueError(f"tool name {tool_name!r}: use 1-64 letters, digits, '_', '.', '-'")
-    hints = get_type_hints(fn, include_extras=True)
+    try:  # eval_str resolves `from __future__ import annotations` hints (also of partials and __call__)
+        signature = inspect.signature(fn, eval_str=True)
+    except NameError as e:
+        raise TypeError(f"tool {tool_name!r}: a type hint cannot be resolved ({e})") from e
     fields: dict[str, Any] = {}
-    for pname, param in inspect.signature(fn).parameters.items():
+    for pname, param in signature.parameters.items():
         if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
             raise TypeError(f"tool {tool_name!r}: *args/**kwargs cannot be described to the model ({pname})")
         if param.kind is param.POSITIONAL_ONLY:
             raise TypeError(
                 f"tool {tool_name!r}: positional-only parameter {pname!r} cannot be passed by name"
             )
-        if pname not in hints:
+        if param.annotation is param.empty:
             raise TypeError(f"tool {tool_name!r}: parameter {pname!r} needs a type hint")
-        default = ... if param.default is inspect.Parameter.empty else param.default
-        fields[pname] = (hints[pname], pydantic.Field(default, description=param_docs.get(pname)))
+        # A name pydantic cannot use as a field (`_x`, or one of BaseModel's like `json`, `schema`) gets an
+        # internal field name; the model still sees, sends and is told about `pname` (the alias).
+        reserved = pname.startswith("_") or hasattr(pydantic.BaseModel, pname)
+        field_name = f"arg{len(fields)}_" if reserved else pname
+        if isinstance(param.default, FieldInfo):  # `x: int = Field(3, ge=0)`: its settings, docstring text
+            description = param.default.description or param_docs.get(pname)
+            annotation = Annotated[param.annotation, param.default]
+            fields[field_name] = (annotation, pydantic.Field(alias=pname, description=description))
+        else:
+            default = ... if param.default is param.empty else param.default
+            fields[field_name] = (
+                param.annotation,
+                pydantic.Field(default, alias=pname, description=param_docs.get(pname)),
+            )
     params = pydantic.create_model(  # type: ignore[call-overload]
         f"{tool_name}_args", __config__=pydantic.ConfigDict(extra="forbid"), **fields
     )

@@ -114,7 +114,23 @@ class ScriptedEndpoint:
             finally:
                 endpoint.closed_streams += 1
 
-        return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=body())
+        return httpx.Response(
+            200, headers={"content-type": "text/event-stream"}, stream=_ClosableBody(body())
+        )
+
+
+class _ClosableBody(httpx.AsyncByteStream):
+    """A response body that, like a socket, ends when the client closes the response (httpx's wrapper of a
+    plain async iterator would leave the generator suspended until it is collected)."""
+
+    def __init__(self, chunks: AsyncIterator[bytes]) -> None:
+        self._chunks = chunks
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._chunks
+
+    async def aclose(self) -> None:
+        await self._chunks.aclose()  # type: ignore[attr-defined]
 
 
 def completion(reply: Reply, model: str) -> dict[str, Any]:
