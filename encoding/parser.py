@@ -239,7 +239,7 @@ _MAX_HEADER = 512
 # 3-byte characters of markers. When that character, read as `｜` or `▁`, would continue a marker, the
 # tail is a cut marker: held back while streaming, dropped at the end like any partial marker.
 _CUT = "\ufffd"
-CUT_CHARS = "｜▁"  # the multi-byte characters of markers
+_CUT_CHARS = "｜▁"  # the multi-byte characters of markers
 _MAX_CUT_RUN = 2
 _MAX_CUT = max(map(len, _LITERALS))  # a head (at most a literal less two characters) and two U+FFFD
 _BLOCK_NAMES = ("tool_calls", "toolcalls")
@@ -247,7 +247,7 @@ _ATTR_RE = re.compile(r"""([A-Za-z_]+)\s*=\s*(?:"([^"]*)"|'([^']*)'|([^\s"'>]+))
 _NEED = "need"  # the decision depends on text not seen yet
 
 
-def cut_run(text: str) -> int:
+def _cut_run(text: str) -> int:
     """Length of the U+FFFD run that ends `text` when it can be one cut character of a marker, else 0."""
     tail = text[-_MAX_CUT_RUN - 1:]
     k = len(tail) - len(tail.rstrip(_CUT))
@@ -384,8 +384,8 @@ class StreamParser:
         buf, n = self._buf, len(self._buf)
         if n - p > _MAX_CUT or not buf.endswith(_CUT):
             return False
-        k = cut_run(buf[p:])
-        return 0 < k < n - p and any(_marker_head(buf[p:n - k] + c) for c in CUT_CHARS)
+        k = _cut_run(buf[p:])
+        return 0 < k < n - p and any(_marker_head(buf[p:n - k] + c) for c in _CUT_CHARS)
 
     def _dsml_at(self, p: int, final: bool) -> Any:
         """At `<` (or `</`) + D + identifier: (closing, ident, end) / _NEED / None."""

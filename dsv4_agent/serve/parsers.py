@@ -18,9 +18,17 @@ from typing import Any
 from sglang.srt.function_call.base_format_detector import BaseFormatDetector
 from sglang.srt.function_call.core_types import StreamingParseResult, StructureInfo, ToolCallItem
 from sglang.srt.parser.reasoning_parser import BaseReasoningFormatDetector
+from sglang.srt.parser.reasoning_parser import StreamingParseResult as ReasoningResult
 
-from dsv4_agent.encoding import ContentDelta, Event, StreamParser, ToolCallDelta, ToolCallEnd, ToolCallStart
-from dsv4_agent.encoding.parser import CUT_CHARS, cut_run
+from dsv4_agent.encoding import (
+    ContentDelta,
+    Event,
+    ReasoningDelta,
+    StreamParser,
+    ToolCallDelta,
+    ToolCallEnd,
+    ToolCallStart,
+)
 from dsv4_agent.encoding.tokens import BOS, DSML, EOS, INVOKE_CLOSE, THINK_CLOSE, THINK_OPEN, TOOL_CALLS_OPEN
 from dsv4_agent.serve.grammar import auto_tool_calls_tag, forced_tool_calls_tag
 
@@ -116,8 +124,11 @@ class DSV4ReasoningDetector(BaseReasoningFormatDetector):
     completion starts inside reasoning exactly when the chat handler decided on thinking (same decision for
     the prompt and the parser, spec pitfall 6). A tool block that opens at a line start inside reasoning
     ends it (a model that forgot `</think>`): the block goes to the tool parser instead of reasoning.
-    Reasoning cut at its end inside `</think>` or a tool-block start, also inside a character (U+FFFD), loses
-    that piece of markup, as in `dsv4_agent.encoding`'s parser."""
+
+    The reasoning text then goes through the encoding's parser (thinking mode), so the markup the tool parser
+    never sees leaves it: a bare invoke or a block inside a line (swallowed: their calls are not made), stray
+    tags, BOS/EOS, a marker cut at the end (`</thi`, `<｜DSML` + U+FFFD when max_tokens stops inside a
+    character). Streamed and one-shot reasoning stay equal (the parser is chunking-invariant)."""
 
     def __init__(self, stream_reasoning: bool = True, force_reasoning: bool = False,
                  continue_final_message: bool = False, previous_content: str = "",
@@ -128,24 +139,32 @@ class DSV4ReasoningDetector(BaseReasoningFormatDetector):
                          continue_final_message=continue_final_message, previous_content=previous_content,
                          thinks_internally=True, reasoning_default="thinking",
                          force_nonempty_content=force_nonempty_content)
+        self._cleaner = StreamParser("thinking")
 
-    @staticmethod
-    def _ends_with_partial_token(buffer: str, token: str) -> int:
-        """The base's longest trailing strict prefix of `token`, also with its last character cut inside its
-        UTF-8 bytes (`<｜DSML` + U+FFFD): held back while streaming like any prefix, dropped at the end."""
-        held = BaseReasoningFormatDetector._ends_with_partial_token(buffer, token)
-        k = cut_run(buffer)
-        if k:
-            head = buffer[max(0, len(buffer) - k - len(token)):len(buffer) - k]
-            for c in CUT_CHARS:
-                m = BaseReasoningFormatDetector._ends_with_partial_token(head + c, token)
-                if m:
-                    held = max(held, m - 1 + k)
-        return held
+    def _clean(self, text: str, final: bool) -> str:
+        """Reasoning through the cleaner; `final` when the reasoning ends (its held-back end is decided)."""
+        events = self._cleaner.feed(text) if text else []
+        if final:
+            events += self._cleaner.finish()
+            self._cleaner = StreamParser("thinking")
+        return "".join(ev.text for ev in events if isinstance(ev, ReasoningDelta))
+
+    def _detect_and_parse_impl(self, text: str) -> ReasoningResult:
+        result = super()._detect_and_parse_impl(text)
+        result.reasoning_text = self._clean(result.reasoning_text, final=True)
+        return result
+
+    def _parse_streaming_increment_impl(self, new_text: str) -> ReasoningResult:
+        was_reasoning = self._in_reasoning
+        result = super()._parse_streaming_increment_impl(new_text)
+        if result.reasoning_text or (was_reasoning and not self._in_reasoning):
+            result.reasoning_text = self._clean(result.reasoning_text, final=not self._in_reasoning)
+        return result
+
+    def finish(self) -> ReasoningResult:
+        if self._in_reasoning:  # the held-back end of the reasoning: cleaned before the base flushes it
+            self._buffer = self._clean(self._buffer, final=True)
+        return super().finish()
 
     def _strip_partial_tool_start(self, text: str, preceded_by: str = "") -> str:
-        """End of reasoning (finish, or one-shot without `</think>`): drop a cut `</think>` or tool-block start
-        of two characters or more wherever it stands (a lone `<` stays text). The base drops only a tool start
-        at a line start, so `</thi` or `<｜DSML` + U+FFFD reached reasoning_content."""
-        cut = max(self._ends_with_partial_token(text, token) for token in (self.think_end_token, self.tool_start_token))
-        return text[:len(text) - cut] if cut >= 2 else text
+        return text  # the cleaner drops a cut marker of two or more characters anywhere; a lone `<` is text

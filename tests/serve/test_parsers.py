@@ -10,6 +10,7 @@ import pytest
 
 pytest.importorskip("sglang")
 
+from dsv4_agent.encoding import parse_completion  # noqa: E402
 from dsv4_agent.encoding.tokens import THINK_CLOSE  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
@@ -228,3 +229,29 @@ def test_reasoning_holds_a_cut_marker_back_until_it_is_text():
     assert parser.parse_stream_chunk("!")[0] == f"<｜DSML{CUT}!"
     assert parser.parse_stream_chunk(f" and <{CUT}")[0] == " and "
     assert parser.parse_stream_end() == ("", "")
+
+
+REASONING_PIECES = [*'ab <>/|｜\n"=', "\n\n", D, "|DSML|", "｜｜DSML｜｜", f"<{D}", f"</{D}", "tool_calls>", "invoke",
+                    ' name="f">', "parameter", ' name="k" string="true">', "1", "<｜end▁of▁sentence｜>"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from(REASONING_PIECES), max_size=30).map("".join), st.data())
+def test_reasoning_never_carries_markup(text, data):
+    """Reasoning soup (bare invokes, blocks inside a line, stray tags, EOS), cut at any byte and decoded with
+    errors="replace": reasoning_content, streamed in any pieces or not, is what the encoding's parser makes
+    of the reasoning part (whose deltas never hold a marker, tests/encoding); the rest, from a tool_calls
+    block at a line start, goes to the tool parser."""
+    raw = text.encode()
+    text = raw[:data.draw(st.integers(0, len(raw)))].decode(errors="replace")
+    (reasoning, normal), streamed = _reason(text, sorted(data.draw(st.lists(st.integers(0, len(text)), max_size=8))))
+    assert (reasoning, normal) == streamed
+    assert text.endswith(normal) and (not normal or normal.startswith(f"<{D}tool_calls>"))
+    assert reasoning == parse_completion(text[:len(text) - len(normal)], "thinking")["reasoning_content"]
+
+
+def test_reasoning_drops_a_bare_invoke():
+    """A bare invoke block in reasoning is not handed to the tool parser (only a tool_calls block at a line
+    start is): it is swallowed, its call is not made, and no markup reaches reasoning_content."""
+    text = f'Let me call.\n\n<{D}invoke name="f">\n<{D}parameter name="x" string="true">1</{D}parameter>\n</{D}invoke>\nDone.'
+    assert _reason(text, [5, 30, 31]) == (("Let me call.Done.", ""),) * 2
