@@ -41,6 +41,8 @@ def workspace_tools(
     root = Path(workdir).resolve()
     if not root.is_dir():
         raise ValueError(f"workdir: {str(workdir)!r} is not a directory")
+    if not shell_timeout > 0:
+        raise ValueError(f"shell_timeout: expected seconds > 0, got {shell_timeout}")
     unknown = sorted(set(names) - set(BUILTIN_TOOLS))
     if unknown:
         raise ValueError(f"tools: unknown built-in tool(s) {unknown}; available: {', '.join(BUILTIN_TOOLS)}")

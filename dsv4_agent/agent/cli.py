@@ -52,12 +52,16 @@ def main(argv: list[str] | None = None) -> int:
         args = _parser().parse_args(argv)
     except SystemExit as e:  # --help, or a usage error already printed by argparse
         return int(e.code or 0)
-    try:
+    try:  # bad values (a workdir that is not there, --max-turns 0 ...) are usage errors, like argparse's
         tool_names = _tool_names(args.tools)
         workdir = Path(args.workdir).resolve()
         tools = workspace_tools(
             workdir, tool_names, shell_timeout=args.shell_timeout, unrestricted_shell=args.unrestricted_shell
         )
+        limits = Limits(
+            max_turns=args.max_turns, tool_timeout=args.tool_timeout, max_total_tokens=args.max_total_tokens
+        )
+        context = ContextPolicy(max_prompt_tokens=args.max_prompt_tokens)
     except ValueError as e:
         print(f"dsv4-agent {args.command}: {e}", file=sys.stderr)
         return 2
@@ -67,14 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         model=args.model,
         reasoning_effort=args.reasoning_effort,
     )
-    runner = Runner(
-        base_url=args.base_url,
-        api_key=args.api_key,
-        limits=Limits(
-            max_turns=args.max_turns, tool_timeout=args.tool_timeout, max_total_tokens=args.max_total_tokens
-        ),
-        context=ContextPolicy(max_prompt_tokens=args.max_prompt_tokens),
-    )
+    runner = Runner(base_url=args.base_url, api_key=args.api_key, limits=limits, context=context)
     try:
         if args.command == "run":
             return _run(runner, agent, args)

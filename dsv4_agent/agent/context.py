@@ -45,6 +45,8 @@ class ContextPolicy:
     chars_per_token: float = 3.0
 
     def __post_init__(self) -> None:
+        if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
+            raise ValueError(f"max_prompt_tokens: expected >= 1 or None, got {self.max_prompt_tokens}")
         if not 0.0 < self.low_watermark <= 1.0:
             raise ValueError(f"low_watermark: expected a fraction in (0, 1], got {self.low_watermark}")
         if self.chars_per_token <= 0:

@@ -53,12 +53,27 @@ class Hang:
     after: int = 1
 
 
+@dataclasses.dataclass
+class Raw:
+    """A 200 answer with this body as is: SSE lines with an in-band error event, broken JSON, an HTML page."""
+
+    body: str
+    content_type: str = "text/event-stream"
+
+
 class ScriptedEndpoint:
+    """`models_answer`: a Status to answer GET /models with (default: the `models` list)."""
+
     def __init__(
-        self, *script: Reply | Status | Broken | Hang, models: tuple[str, ...] = ("deepseek-v4-test",)
+        self,
+        *script: Reply | Status | Broken | Hang | Raw,
+        models: tuple[str, ...] = ("deepseek-v4-test",),
+        models_answer: Status | None = None,
     ):
         self.script = list(script)
         self.models = models
+        self.models_answer = models_answer
+        self.models_requests = 0
         self.requests: list[dict[str, Any]] = []
         self.closed_streams = 0  # streams whose body the client closed (or finished)
         self.hanging = asyncio.Event()
@@ -73,6 +88,9 @@ class ScriptedEndpoint:
 
     async def handle(self, request: httpx.Request) -> httpx.Response:
         if request.url.path.endswith("/models"):
+            self.models_requests += 1
+            if self.models_answer is not None:
+                return _status_response(self.models_answer)
             data = [{"id": m, "object": "model", "created": 0, "owned_by": "test"} for m in self.models]
             return httpx.Response(200, json={"object": "list", "data": data})
         assert request.url.path.endswith("/chat/completions"), request.url
@@ -82,10 +100,10 @@ class ScriptedEndpoint:
             raise AssertionError(f"unscripted request #{len(self.requests)}")
         step = self.script.pop(0)
         if isinstance(step, Status):
+            return _status_response(step)
+        if isinstance(step, Raw):
             return httpx.Response(
-                step.code,
-                content=step.body.encode(),
-                headers={"content-type": "application/json", **step.headers},
+                200, headers={"content-type": step.content_type}, content=step.body.encode()
             )
         if isinstance(step, Reply):
             return self._sse(sse_chunks(step, body["model"]))
@@ -117,6 +135,12 @@ class ScriptedEndpoint:
         return httpx.Response(
             200, headers={"content-type": "text/event-stream"}, stream=_ClosableBody(body())
         )
+
+
+def _status_response(step: Status) -> httpx.Response:
+    return httpx.Response(
+        step.code, content=step.body.encode(), headers={"content-type": "application/json", **step.headers}
+    )
 
 
 class _ClosableBody(httpx.AsyncByteStream):
@@ -228,7 +252,9 @@ class ThreadedScriptedServer:
     """The same script over real HTTP (stdlib server in a thread), for code that builds its own client
     (the CLI). Use as a context manager; `base_url` points at it."""
 
-    def __init__(self, *script: Reply | Status, model: str = "deepseek-v4-test"):
+    def __init__(
+        self, *script: Reply | Status, model: str = "deepseek-v4-test", models_answer: Status | None = None
+    ):
         import http.server
         import threading
 
@@ -248,6 +274,9 @@ class ThreadedScriptedServer:
                 self.wfile.write(body)
 
             def do_GET(self) -> None:
+                if models_answer is not None:
+                    self._send(models_answer.code, models_answer.body.encode(), "application/json")
+                    return
                 data = [{"id": model, "object": "model", "created": 0, "owned_by": "test"}]
                 self._send(200, json.dumps({"object": "list", "data": data}).encode(), "application/json")
 

@@ -1,0 +1,412 @@
+"""Edge cases a user of the SDK and CLI runs into: unusual tool signatures and return values, error answers
+that are not plain HTTP errors, streams left early, bad limits and CLI values. Scripted endpoint behind
+`httpx.MockTransport` (or the stdlib HTTP server for the CLI); no model server."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime
+import enum
+import functools
+import gc
+import json
+import logging
+import warnings
+
+import pydantic
+import pytest
+from agent_fakes import Hang, Raw, Reply, ScriptedEndpoint, Status, ThreadedScriptedServer
+from agent_fixtures import anyio_backend  # noqa: F401  (pytest fixture)
+
+from dsv4_agent.agent import (
+    Agent,
+    ContextPolicy,
+    ContextWindowExceeded,
+    Limits,
+    ModelHTTPError,
+    ReasoningDelta,
+    RetryPolicy,
+    RunCancelled,
+    Runner,
+    ToolCallFinished,
+    ToolCallStarted,
+    ToolResult,
+    TurnFinished,
+    TurnRetried,
+    UnknownToolError,
+    tool,
+)
+from dsv4_agent.agent.cli import main
+
+pytestmark = pytest.mark.anyio
+
+FAST_RETRY = RetryPolicy(max_retries=2, initial_delay_s=0.001, max_delay_s=0.01)
+
+
+def make_runner(endpoint: ScriptedEndpoint, **kw) -> Runner:
+    return Runner(endpoint.client(), retry=kw.pop("retry", FAST_RETRY), **kw)
+
+
+def sse(*events: dict | str) -> str:
+    return "".join(f"data: {e if isinstance(e, str) else json.dumps(e)}\n\n" for e in events)
+
+
+def chunk(delta: dict, finish: str | None = None) -> dict:
+    return {
+        "id": "x",
+        "object": "chat.completion.chunk",
+        "created": 0,
+        "model": "m",
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+    }
+
+
+# ---- @tool -------------------------------------------------------------------------------------------------
+
+
+async def test_field_defaults_keep_their_default_constraints_and_description():
+    @tool
+    def page(
+        query: str,
+        size: int = pydantic.Field(10, ge=1, le=50),
+        tags: list[str] = pydantic.Field(default_factory=list, description="labels to match"),  # noqa: B008
+    ) -> str:
+        """Search.
+
+        Args:
+            size: results per page.
+        """
+        return f"{query} {size} {tags}"
+
+    props = page.json_schema()["properties"]
+    assert props["size"] == {
+        "default": 10,
+        "description": "results per page.",
+        "maximum": 50,
+        "minimum": 1,
+        "type": "integer",
+    }
+    assert props["tags"]["description"] == "labels to match" and page.json_schema()["required"] == ["query"]
+    assert await page.invoke(page.validate('{"query": "q"}')) == "q 10 []"
+    with pytest.raises(Exception, match="size: Input should be less than or equal to 50"):
+        page.validate('{"query": "q", "size": 99}')
+
+
+async def test_parameter_names_pydantic_reserves_still_work():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "shadows an attribute in parent BaseModel"
+
+        @tool
+        def fetch(url: str, json: bool = False, schema: str = "public", _trace: int = 0) -> str:
+            """Fetch.
+
+            Args:
+                json: parse the body as JSON.
+            """
+            return f"{url} {json} {schema} {_trace}"
+
+    params = fetch.json_schema()
+    assert list(params["properties"]) == ["url", "json", "schema", "_trace"]
+    assert params["properties"]["json"]["description"] == "parse the body as JSON."
+    args = fetch.validate('{"url": "u", "json": true, "schema": "s", "_trace": 3}')
+    assert await fetch.invoke(args) == "u True s 3"
+    with pytest.raises(Exception, match="_trace: Input should be a valid integer"):
+        fetch.validate('{"url": "u", "_trace": "x"}')
+
+
+async def test_callable_objects_partials_and_sync_wrappers_of_coroutines():
+    class Scaler:
+        async def __call__(self, x: float) -> float:
+            return 2 * x
+
+    def scale(x: float, factor: float) -> float:
+        return x * factor
+
+    def logged(fn):  # a decorator without `async def` around a coroutine function
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    @logged
+    async def ping(host: str) -> str:
+        """Ping."""
+        await asyncio.sleep(0)
+        return f"pong {host}"
+
+    scaler = tool(name="scaler")(Scaler())
+    assert scaler.is_async and await scaler.invoke(scaler.validate('{"x": 1.5}')) == 3.0
+    triple = tool(name="triple")(functools.partial(scale, factor=3.0))
+    assert await triple.invoke(triple.validate('{"x": 2}')) == 6.0
+    with pytest.raises(ValueError, match="pass name="):
+        tool(functools.partial(scale, factor=3.0))
+    pinger = tool(ping)
+    assert await pinger.invoke(pinger.validate('{"host": "h"}')) == "pong h"
+
+
+def test_an_unresolvable_type_hint_is_a_clear_error():
+    def lookup(key: UndefinedType) -> str:  # noqa: F821
+        return key
+
+    with pytest.raises(TypeError, match=r"tool 'lookup': a type hint cannot be resolved .*UndefinedType"):
+        tool(lookup)
+
+
+class Unit(enum.Enum):
+    CELSIUS = "C"
+
+
+@dataclasses.dataclass
+class Reading:
+    city: str
+    unit: Unit
+
+
+class Station(pydantic.BaseModel):
+    name: str
+
+
+async def test_non_string_tool_results_reach_the_model_as_json():
+    @tool
+    def report() -> dict:
+        """Readings."""
+        return {
+            "readings": [Reading("Lima", Unit.CELSIUS)],
+            "stations": [Station(name="é1")],
+            "day": datetime.date(2026, 11, 23),
+            "ids": {7},
+        }
+
+    ep = ScriptedEndpoint(Reply(tool_calls=[("c1", "report", "{}")]), Reply(content="ok"))
+    await make_runner(ep).run(Agent(tools=[report]), "go")
+    content = ep.requests[1]["messages"][-1]["content"]
+    assert json.loads(content) == {
+        "readings": [{"city": "Lima", "unit": "C"}],
+        "stations": [{"name": "é1"}],
+        "day": "2026-11-23",
+        "ids": [7],
+    }
+    assert "é1" in content  # not \\u-escaped: fewer prompt tokens
+
+
+# ---- the endpoint misbehaving ------------------------------------------------------------------------------
+
+
+def in_band_error(message: str, code: int) -> dict:
+    """What SGLang (and `dsv4-agent serve`) send when a stream fails after its 200 header."""
+    return {
+        "error": {
+            "object": "error",
+            "message": message,
+            "type": "InternalServerError",
+            "param": None,
+            "code": code,
+        }
+    }
+
+
+async def test_an_error_event_inside_the_stream_is_retried_or_typed():
+    broken = Raw(
+        sse(chunk({"role": "assistant", "content": ""}), in_band_error("Internal error: boom", 500), "[DONE]")
+    )
+    ep = ScriptedEndpoint(broken, Reply(content="fine"))
+    events = [e async for e in make_runner(ep).stream(Agent(), "hi")]
+    retried = [e for e in events if isinstance(e, TurnRetried)]
+    assert len(retried) == 1 and "Internal error: boom" in retried[0].error and events[-1].output == "fine"
+
+    ep = ScriptedEndpoint(Raw(sse(in_band_error("bad value for top_k", 400), "[DONE]")))
+    with pytest.raises(ModelHTTPError, match="bad value for top_k") as info:
+        await make_runner(ep).run(Agent(), "hi")
+    assert info.value.status_code == 400 and len(ep.requests) == 1  # a client error is not retried
+
+    ep = ScriptedEndpoint(Raw(sse(in_band_error("the prompt is too long", 400), "[DONE]")))
+    with pytest.raises(ContextWindowExceeded):
+        await make_runner(ep).run(Agent(), "hi")
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        Raw("data: {not json\n\ndata: [DONE]\n\n"),
+        Raw("data: [DONE]\n\n"),  # no completion at all
+        Raw("<html>sign in</html>", content_type="text/html"),  # a wrong base URL behind a web server
+    ],
+    ids=["broken-json", "empty", "html"],
+)
+async def test_an_unreadable_or_empty_answer_is_retried_then_a_typed_error(answer):
+    ep = ScriptedEndpoint(answer, Reply(content="fine"))
+    assert (await make_runner(ep).run(Agent(), "hi")).final_output == "fine"
+
+    ep = ScriptedEndpoint(answer, answer, answer)
+    with pytest.raises(ModelHTTPError, match=r"http://scripted.test/v1/ failed after 2 retries") as info:
+        await make_runner(ep).run(Agent(), "hi")
+    assert len(ep.requests) == 3 and info.value.result.messages == [{"role": "user", "content": "hi"}]
+
+
+async def test_listing_the_models_fails_with_a_typed_error():
+    ep = ScriptedEndpoint(models_answer=Status(401, '{"error": {"message": "invalid api key"}}'))
+    with pytest.raises(ModelHTTPError, match="invalid api key") as info:
+        await make_runner(ep).run(Agent(), "hi")
+    assert info.value.status_code == 401 and ep.models_requests == 1 and not ep.requests
+
+    ep = ScriptedEndpoint(Reply(content="up now"), models_answer=Status(503))
+    runner = make_runner(ep)
+    with pytest.raises(ModelHTTPError, match="listing the models .* failed after 2 retries"):
+        await runner.run(Agent(), "hi")
+    assert ep.models_requests == 3
+    ep.models_answer = None  # the server came up: the next run finds its model
+    assert (await runner.run(Agent(), "hi")).final_output == "up now"
+
+
+async def test_a_call_without_a_name_or_id_has_one_id_in_events_and_history():
+    ep = ScriptedEndpoint(Reply(tool_calls=[("", "", '{"a": 1}')]), Reply(content="ok"))
+    events = [e async for e in make_runner(ep).stream(Agent(), "go")]
+    finished = next(e for e in events if isinstance(e, ToolCallFinished))
+    result = next(e for e in events if isinstance(e, ToolResult))
+    assistant, tool_msg = ep.requests[1]["messages"][1:]
+    assert finished.call_id and finished.call_id == result.call_id == tool_msg["tool_call_id"]
+    assert assistant["tool_calls"][0]["id"] == finished.call_id and isinstance(result.error, UnknownToolError)
+
+
+# ---- streams left early ------------------------------------------------------------------------------------
+
+
+async def test_breaking_out_of_the_stream_closes_it():
+    ep = ScriptedEndpoint(Hang(Reply(reasoning="a long thought"), after=3))
+    async for event in make_runner(ep).stream(Agent(), "hi"):
+        if isinstance(event, ReasoningDelta):
+            break
+    for _ in range(100):
+        if ep.closed_streams:
+            break
+        await asyncio.sleep(0.01)
+    assert ep.closed_streams == 1
+    assert not [t for t in asyncio.all_tasks() if "_pump" in repr(t.get_coro())]  # no run left behind
+
+
+async def test_a_kept_stream_left_early_does_not_run_ahead():
+    ran: list[int] = []
+
+    @tool
+    def work(n: int) -> str:
+        """Work."""
+        ran.append(n)
+        return "done"
+
+    ep = ScriptedEndpoint(Reply(tool_calls=[("c1", "work", '{"n": 1}')]), Reply(content="ok"))
+    stream = make_runner(ep).stream(Agent(tools=[work]), "go")
+    async for event in stream:
+        if isinstance(event, ToolCallStarted):
+            break
+    await asyncio.sleep(0.2)
+    assert ran == [] and len(ep.requests) == 1  # the run waits for its consumer
+    with pytest.raises(RunCancelled) as info:
+        async with stream:
+            async for _ in stream:
+                stream.cancel()
+    assert ran == [] and len(ep.requests) == 1
+    assert [m["role"] for m in info.value.result.messages] == ["user"]
+
+
+async def test_a_cancel_between_events_leaves_every_call_answered():
+    @tool
+    async def slow() -> str:
+        """Slow."""
+        await asyncio.sleep(3600)
+        return "never"
+
+    ep = ScriptedEndpoint(Reply(tool_calls=[("c1", "slow", "{}"), ("c2", "slow", "{}")]))
+    stream = make_runner(ep).stream(Agent(tools=[slow]), "go")
+    with pytest.raises(RunCancelled) as info:
+        async for event in stream:
+            if isinstance(event, TurnFinished):
+                stream.cancel()
+    await stream.wait_closed()
+    messages = info.value.result.messages
+    assert [c["id"] for c in messages[1]["tool_calls"]] == ["c1", "c2"]
+    assert [m["tool_call_id"] for m in messages[2:]] == ["c1", "c2"]
+    assert all("cancelled" in m["content"] for m in messages[2:])
+
+
+def test_a_sync_stream_left_early_does_not_go_on_in_the_next_run(caplog):
+    ran: list[int] = []
+
+    @tool
+    def work(n: int) -> str:
+        """Work."""
+        ran.append(n)
+        return "done"
+
+    ep = ScriptedEndpoint(
+        Reply(reasoning="plan it", tool_calls=[("c1", "work", '{"n": 1}')]),
+        Reply(content="second task done"),
+    )
+    with caplog.at_level(logging.ERROR, logger="asyncio"), Runner(ep.client(), retry=FAST_RETRY) as runner:
+        for event in runner.stream_sync(Agent(tools=[work]), "first"):
+            if isinstance(event, ReasoningDelta):
+                break
+        result = runner.run_sync(Agent(tools=[work]), "second")
+        assert result.final_output == "second task done"
+        assert ran == [] and len(ep.requests) == 2  # the abandoned run neither ran its tool nor asked again
+    gc.collect()
+    assert runner.client.is_closed() and "destroyed but it is pending" not in caplog.text
+
+
+async def test_runner_as_async_context_manager_closes_its_client():
+    ep = ScriptedEndpoint(Reply(content="hi"))
+    async with make_runner(ep) as runner:
+        assert (await runner.run(Agent(), "hi")).final_output == "hi"
+    assert runner.client.is_closed()
+
+
+def test_run_sync_in_a_running_loop_says_what_to_do():
+    async def inside() -> None:
+        make_runner(ScriptedEndpoint()).run_sync(Agent(), "hi")
+
+    with pytest.raises(RuntimeError, match="await runner.run"):
+        asyncio.run(inside())
+
+
+# ---- limits and CLI values ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "make, field",
+    [
+        (lambda: Limits(tool_timeout=0), "tool_timeout"),
+        (lambda: Limits(tool_timeout=-1.0), "tool_timeout"),
+        (lambda: Limits(max_total_tokens=0), "max_total_tokens"),
+        (lambda: Limits(max_turns=0), "max_turns"),
+        (lambda: RetryPolicy(max_retries=-1), "max_retries"),
+        (lambda: ContextPolicy(max_prompt_tokens=0), "max_prompt_tokens"),
+    ],
+)
+def test_bad_limits_name_the_field(make, field):
+    with pytest.raises(ValueError, match=field):
+        make()
+
+
+@pytest.mark.parametrize(
+    "flags, field",
+    [
+        (["--max-turns", "0"], "max_turns"),
+        (["--tool-timeout", "-1"], "tool_timeout"),
+        (["--max-total-tokens", "0"], "max_total_tokens"),
+        (["--max-prompt-tokens", "-5"], "max_prompt_tokens"),
+        (["--shell-timeout", "0"], "shell_timeout"),
+    ],
+)
+def test_cli_bad_values_are_usage_errors(tmp_path, capsys, flags, field):
+    assert main(["run", "task", "--workdir", str(tmp_path), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dsv4-agent run: ") and field in err and "Traceback" not in err
+
+
+def test_cli_without_a_reachable_model_fails_cleanly(tmp_path, capsys):
+    denied = Status(401, '{"error": {"message": "invalid api key"}}')
+    with ThreadedScriptedServer(models_answer=denied) as server:
+        code = main(["run", "task", "--base-url", server.base_url, "--workdir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 1 and "ModelHTTPError" in err and "invalid api key" in err and "Traceback" not in err
