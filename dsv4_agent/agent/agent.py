@@ -41,7 +41,7 @@ class Agent:
     """
 
     instructions: str | None = None
-    tools: Sequence[Tool | Callable[..., Any]] = ()
+    tools: Sequence[Tool | Callable[..., Any]] | None = ()
     model: str | None = None  # None: the Runner's model (or the endpoint's only model)
     reasoning_effort: ReasoningEffort = "high"
     settings: ModelSettings = dataclasses.field(default_factory=ModelSettings)
@@ -50,7 +50,9 @@ class Agent:
     def __post_init__(self) -> None:
         if self.reasoning_effort not in _EFFORTS:
             raise ValueError(f"reasoning_effort: expected one of {_EFFORTS}, got {self.reasoning_effort!r}")
-        self.tools = [t if isinstance(t, Tool) else tool(t) for t in self.tools]
+        if isinstance(self.tools, Tool) or callable(self.tools):
+            raise TypeError(f"tools: expected a list of tools, got one {type(self.tools).__name__}: tools=[...]")
+        self.tools = [t if isinstance(t, Tool) else tool(t) for t in self.tools or ()]
         names = [t.name for t in self.tools]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:

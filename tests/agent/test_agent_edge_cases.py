@@ -410,3 +410,16 @@ def test_cli_without_a_reachable_model_fails_cleanly(tmp_path, capsys):
         code = main(["run", "task", "--base-url", server.base_url, "--workdir", str(tmp_path)])
     err = capsys.readouterr().err
     assert code == 1 and "ModelHTTPError" in err and "invalid api key" in err and "Traceback" not in err
+
+
+def test_agent_tools_must_be_a_list():
+    @tool
+    def lookup(key: str) -> str:
+        """Lookup."""
+        return key
+
+    with pytest.raises(TypeError, match=r"tools: expected a list of tools, got one Tool"):
+        Agent(tools=lookup)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"tools: expected a list of tools, got one function"):
+        Agent(tools=lookup.fn)  # type: ignore[arg-type]
+    assert Agent(tools=None).tools == [] and not Agent(tools=None).request_options().get("tools")
