@@ -51,7 +51,9 @@ class Agent:
         if self.reasoning_effort not in _EFFORTS:
             raise ValueError(f"reasoning_effort: expected one of {_EFFORTS}, got {self.reasoning_effort!r}")
         if isinstance(self.tools, Tool) or callable(self.tools):
-            raise TypeError(f"tools: expected a list of tools, got one {type(self.tools).__name__}: tools=[...]")
+            raise TypeError(
+                f"tools: expected a list of tools, got one {type(self.tools).__name__}: tools=[...]"
+            )
         self.tools = [t if isinstance(t, Tool) else tool(t) for t in self.tools or ()]
         names = [t.name for t in self.tools]
         duplicates = sorted({n for n in names if names.count(n) > 1})
