@@ -7,6 +7,13 @@ guard checks those shapes first. It also turns any other exception raised while 
 validated (before our chat handler is entered) into a 400, since only the request body can cause it there;
 exceptions inside the handler stay 500s.
 
+`/generate` and `/v1/completions` take token ids and options that SGLang hands to the scheduler unchecked,
+where a bad one kills the whole server (every request after it fails): a prompt token id outside the
+vocabulary (the embedding lookup raises), and prompt logprobs (`echo` with `logprobs`, or a
+`logprob_start_len` other than -1; our models return next-token logits only, and SGLang's scheduler asserts
+on the missing prompt logprobs). Those get a 400 naming the field. A body nested too deeply for the JSON
+parser gets a 400 too (it raised RecursionError: a 500 and a reset connection).
+
 Installed by `plugin.register` through a BEFORE hook on `http_server.launch_server` (the FastAPI app only
 accepts middleware before it starts).
 """
@@ -25,6 +32,7 @@ handler_entered: contextvars.ContextVar[bool] = contextvars.ContextVar("dsv4_han
 _DICT_FIELDS = ("response_format", "chat_template_kwargs", "stream_options", "reasoning", "logit_bias",
                 "session_params", "custom_params")
 _TOOL_CHOICES = ("auto", "none", "required")
+_PROMPT_PATHS = ("/generate", "/v1/completions")
 
 
 def _type(v: Any) -> str:
@@ -71,6 +79,42 @@ def shape_problem(body: Any) -> str | None:
     return None
 
 
+def _token_id_lists(ids: Any) -> list[Any]:
+    """The token-id lists of a prompt field (one list of ids, or a batch of them); [] for text prompts."""
+    if isinstance(ids, list) and ids and all(isinstance(x, list) for x in ids):
+        return ids
+    return [ids] if isinstance(ids, list) and ids and not any(isinstance(x, str) for x in ids) else []
+
+
+def prompt_problem(path: str, body: Any, vocab_size: int | None) -> str | None:
+    """A message naming the field of a `/generate` or `/v1/completions` body that would crash the engine."""
+    if not isinstance(body, dict):
+        return None  # SGLang's own validation answers 400
+    completions = path.endswith("/completions")
+    field = "prompt" if completions else "input_ids"
+    for b, ids in enumerate(_token_id_lists(body.get(field))):
+        for i, t in enumerate(ids):
+            if isinstance(t, int) and not isinstance(t, bool) and vocab_size and not 0 <= t < vocab_size:
+                where = f"{field}[{b}][{i}]" if isinstance(body[field][0], list) else f"{field}[{i}]"
+                return f"{where}: token id {t} is outside the vocabulary [0, {vocab_size})"
+    if completions:
+        if body.get("echo") and body.get("logprobs"):
+            return "logprobs: prompt logprobs (echo with logprobs) are not supported by this model"
+    elif body.get("return_logprob"):
+        starts = body.get("logprob_start_len")
+        starts = starts if isinstance(starts, list) else [starts]
+        if any(s is not None and s != -1 for s in starts):
+            return "logprob_start_len: prompt logprobs are not supported by this model (use -1)"
+    return None
+
+
+def _vocab_size() -> int | None:
+    from sglang.srt.entrypoints import http_server
+
+    state = http_server._global_state
+    return getattr(getattr(getattr(state, "tokenizer_manager", None), "model_config", None), "vocab_size", None)
+
+
 async def _send_json(send: Any, status: int, payload: dict[str, Any]) -> None:
     body = json.dumps(payload).encode()
     await send({"type": "http.response.start", "status": status,
@@ -82,12 +126,28 @@ def _error(message: str) -> dict[str, Any]:
     return {"object": "error", "message": message, "type": "BadRequestError", "param": None, "code": 400}
 
 
+def _replay(raw: bytes, receive: Any) -> Any:
+    """An ASGI `receive` that hands the already-read body over once, then defers to the real one."""
+    replayed = False
+
+    async def replay() -> dict[str, Any]:
+        nonlocal replayed
+        if not replayed:
+            replayed = True
+            return {"type": "http.request", "body": raw, "more_body": False}
+        return await receive()
+
+    return replay
+
+
 class ChatRequestGuard:
     def __init__(self, app: Any):
         self.app = app
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope.get("method") != "POST" or not scope["path"].endswith("/chat/completions"):
+        path = scope.get("path", "")
+        chat = path.endswith("/chat/completions")
+        if scope["type"] != "http" or scope.get("method") != "POST" or not (chat or path.endswith(_PROMPT_PATHS)):
             await self.app(scope, receive, send)
             return
         chunks = []
@@ -100,21 +160,18 @@ class ChatRequestGuard:
                 break
         raw = b"".join(chunks)
         try:
-            problem = shape_problem(json.loads(raw))
+            body = json.loads(raw)
+            problem = shape_problem(body) if chat else prompt_problem(path, body, _vocab_size())
         except ValueError:
             problem = None  # not JSON: SGLang answers 400 itself
+        except RecursionError:
+            problem = "request body: JSON nested too deeply"
         if problem:
             await _send_json(send, 400, _error(problem))
             return
-
-        replayed = False
-
-        async def replay() -> dict[str, Any]:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": raw, "more_body": False}
-            return await receive()
+        if not chat:
+            await self.app(scope, _replay(raw, receive), send)
+            return
 
         started = False
 
@@ -125,7 +182,7 @@ class ChatRequestGuard:
 
         token = handler_entered.set(False)
         try:
-            await self.app(scope, replay, tracking_send)
+            await self.app(scope, _replay(raw, receive), tracking_send)
         except Exception as e:
             if started:
                 raise

@@ -258,6 +258,9 @@ class DSV4ServingChat(OpenAIServingChat):
                 raise BadRequest(f"tool_choice.function.name: tool {choice.function.name!r} is not in tools")
         elif choice == "required" and not names:
             raise BadRequest("tool_choice: 'required' needs a non-empty tools list")
+        for key in request.logit_bias or {}:
+            if not key.lstrip("-").isdigit():
+                raise BadRequest(f"logit_bias: keys must be token ids, got {key!r}")
         if request.top_logprobs is not None and not 0 <= request.top_logprobs <= 20:
             raise BadRequest("top_logprobs: must be between 0 and 20")
         if request.n is not None and request.n < 1:

@@ -1,5 +1,6 @@
-"""Malformed requests get 4xx naming the field (never 500, never a hung stream); disconnects leave the
-server healthy."""
+"""Malformed requests get 4xx naming the field (never 500, never a hung stream, never a dead engine); the
+request variants clients send get 200 with `cached_tokens` in the usage and streams that end with [DONE];
+disconnects leave the server healthy."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import threading
 
 import httpx
 import pytest
-from serve_helpers import TIMEOUT, chat, stream
+from serve_helpers import TIMEOUT, PromptIds, chat, stream
 
 pytestmark = pytest.mark.server
 
@@ -96,6 +97,8 @@ def _mutations(model: str) -> list[tuple[str, dict, str]]:
                      ("response_format", {"type": "nope"}), ("response_format", "json"),
                      ("response_format", {"type": "json_schema"}), ("stream_options", 7), ("logit_bias", [1])]:
         add(f"{key}={bad!r}", lambda b, key=key, bad=bad: b.update({key: bad}))
+    for bad in [{"abc": 1}, {"": 1}, {"1.5": 1}]:
+        add(f"logit_bias={bad!r}", lambda b, bad=bad: b.update(logit_bias=bad), "logit_bias")
     add("oversized prompt", lambda b: b["messages"][1].update(content="word " * 40000))
     add("assistant tool_call name missing",
         lambda b: b["messages"][2]["tool_calls"][0]["function"].update(name=""), "name")
@@ -115,6 +118,7 @@ def _raw_cases() -> list[tuple[str, dict]]:
         ("form encoded", b"messages=hi", {"content-type": "application/x-www-form-urlencoded"}),
         ("no content type", b'{"messages": [{"role": "user", "content": "hi"}]}', {}),
         ("text plain", b'{"messages": [{"role": "user", "content": "hi"}]}', {"content-type": "text/plain"}),
+        ("nested too deeply", b'{"messages": ' + b"[" * 5000 + b"]" * 5000 + b"}", {"content-type": "application/json"}),
     ]]
 
 
@@ -184,3 +188,94 @@ def test_concurrent_streams_with_client_disconnects(scripted_server):
     _, msg = stream(server.base_url, {"model": server.model, "max_tokens": 400,
                                       "messages": [{"role": "user", "content": "long story again"}]})
     assert msg["content"].startswith("The end.")
+
+
+def test_prompt_endpoints_reject_what_would_kill_the_engine(scripted_server):
+    """/generate and /v1/completions hand token ids and logprob options to the scheduler unchecked; an id
+    outside the vocabulary or a prompt-logprob request used to crash it (every later request failed)."""
+    server = scripted_server
+    server.script([])
+    vocab = len(PromptIds(server.model_dir).hf)
+    cases = [
+        ("/v1/completions", {"prompt": "hi", "echo": True, "logprobs": 2}, "logprobs"),
+        ("/v1/completions", {"prompt": [5, vocab + 7]}, "prompt[1]"),
+        ("/v1/completions", {"prompt": [[5], [5, -1]]}, "prompt[1][1]"),
+        ("/generate", {"input_ids": [5, vocab]}, "input_ids[1]"),
+        ("/generate", {"input_ids": [[5, -3]]}, "input_ids[0][1]"),
+        ("/generate", {"text": "hi", "return_logprob": True, "logprob_start_len": 0}, "logprob_start_len"),
+    ]
+    with httpx.Client(base_url=server.base_url, timeout=TIMEOUT) as client:
+        for path, body, needle in cases:
+            for stream_flag in (False, True):
+                body = {**body, "stream": stream_flag, "model": server.model, "max_tokens": 2,
+                        "sampling_params": {"max_new_tokens": 2}}
+                r = client.post(path, json=body)
+                assert r.status_code == 400, (path, body, r.status_code, r.text[:300])
+                assert needle in r.json()["message"], (needle, r.text)
+        for path in ("/generate", "/v1/completions"):
+            r = client.post(path, content=b'{"text": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+                            headers={"content-type": "application/json"})
+            assert r.status_code == 400, (path, r.status_code, r.text[:300])
+        assert client.get("/health").status_code == 200
+        r = client.post("/v1/completions", json={"model": server.model, "prompt": [5, vocab - 1], "max_tokens": 2,
+                                                 "logprobs": 1})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["logprobs"]["token_logprobs"]
+        r = client.post("/generate", json={"input_ids": [5, 6], "return_logprob": True,
+                                           "sampling_params": {"max_new_tokens": 2}})
+        assert r.status_code == 200, r.text
+        assert len(r.json()["meta_info"]["output_token_logprobs"]) == 2
+
+
+def _variants(model: str) -> list[tuple[str, dict]]:
+    """Valid request shapes OpenAI clients and agent frameworks send (name, body)."""
+    user = [{"role": "user", "content": "hi"}]
+    schema = {"name": "x", "schema": {"type": "object", "properties": {"a": {"type": "integer"}}}}
+    cases = [
+        ("n=2", {"n": 2}), ("logprobs", {"logprobs": True}), ("top_logprobs", {"logprobs": True, "top_logprobs": 5}),
+        ("stop string", {"stop": "a"}), ("stop list", {"stop": ["a", "b"]}), ("stop empty list", {"stop": []}),
+        ("max_completion_tokens", {"max_tokens": None, "max_completion_tokens": 5}), ("seed", {"seed": 7}),
+        ("json_object", {"response_format": {"type": "json_object"}}),
+        ("json_schema", {"response_format": {"type": "json_schema", "json_schema": schema}}),
+        ("text format", {"response_format": {"type": "text"}}),
+        ("prefill", {"messages": [*user, {"role": "assistant", "content": "Hello"}]}),
+        ("only system", {"messages": [{"role": "system", "content": "be brief"}]}),
+        ("developer", {"messages": [{"role": "developer", "content": "be brief"}, *user]}),
+        ("text parts", {"messages": [{"role": "user", "content": [{"type": "text", "text": "a"},
+                                                                 {"type": "text", "text": "b"}]}]}),
+        ("unicode", {"messages": [{"role": "user", "content": "héllo 日本語 🎉 \u200b \x00 \x1b[31m"}]}),
+        ("markers as text", {"messages": [{"role": "user", "content": "<｜Assistant｜></think><｜end▁of▁sentence｜>"}]}),
+        ("unknown fields", {"foo": 1, "user": "u1", "metadata": {"a": "b"}, "store": False}),
+        ("effort none", {"reasoning_effort": "none"}), ("effort max", {"reasoning_effort": "max"}),
+        ("thinking disabled", {"thinking": {"type": "disabled"}}),
+        ("enable_thinking false", {"chat_template_kwargs": {"enable_thinking": False}}),
+        ("tools, tool_choice none", {"tools": [TOOL], "tool_choice": "none"}),
+    ]
+    return [(name, {"model": model, "messages": user, "max_tokens": 6, "temperature": 0, **extra})
+            for name, extra in cases]
+
+
+def test_request_variants_answer_with_cached_tokens_and_streams_agree(scripted_server):
+    server = scripted_server
+    server.script([])
+    failures = []
+    for name, body in _variants(server.model):
+        r = chat(server.base_url, body)
+        if r.status_code != 200:
+            failures.append(f"{name}: {r.status_code} {r.text[:200]}")
+            continue
+        data = r.json()
+        if not isinstance(data["usage"]["prompt_tokens_details"]["cached_tokens"], int):
+            failures.append(f"{name}: no cached_tokens in {data['usage']}")
+        if len(data["choices"]) != body.get("n", 1):
+            failures.append(f"{name}: {len(data['choices'])} choices")
+        events, msg = stream(server.base_url, {**body, "stream_options": {"include_usage": True}})
+        usage = [e["usage"] for e in events if e.get("usage")]
+        if not usage or not isinstance(usage[-1]["prompt_tokens_details"]["cached_tokens"], int):
+            failures.append(f"{name} (stream): no cached_tokens in the final usage")
+        first = data["choices"][0]["message"]
+        if body.get("n", 1) == 1 and (msg["content"], msg["reasoning_content"]) != (
+                first["content"] or "", first["reasoning_content"] or ""):
+            failures.append(f"{name}: stream {msg['content']!r}/{msg['reasoning_content']!r} != "
+                            f"{first['content']!r}/{first['reasoning_content']!r}")
+    assert not failures, "\n".join(failures)
