@@ -651,7 +651,11 @@ class _TurnOutput:
             self.usage, self.has_usage = _usage(chunk.usage), True
         for choice in chunk.choices or ():
             self.answered = True
+            if choice.finish_reason:
+                self.finish_reason = choice.finish_reason
             delta = choice.delta
+            if delta is None:  # a finish chunk without a delta (some servers and proxies)
+                continue
             # SGLang/DeepSeek call it reasoning_content; vLLM >= 0.11 calls it reasoning.
             reasoning = getattr(delta, "reasoning_content", None) or getattr(delta, "reasoning", None)
             if reasoning:
@@ -679,8 +683,6 @@ class _TurnOutput:
                     call.arguments += fn.arguments
                     if call.started:
                         yield ToolCallArgumentsDelta(turn, index, call.id, fn.arguments)
-            if choice.finish_reason:
-                self.finish_reason = choice.finish_reason
 
     def message(self, thinking: bool) -> dict[str, Any]:
         """The assistant message to append to the history, as the model produced it."""

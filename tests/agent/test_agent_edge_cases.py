@@ -423,3 +423,24 @@ def test_agent_tools_must_be_a_list():
     with pytest.raises(TypeError, match=r"tools: expected a list of tools, got one function"):
         Agent(tools=lookup.fn)  # type: ignore[arg-type]
     assert Agent(tools=None).tools == [] and not Agent(tools=None).request_options().get("tools")
+
+
+async def test_a_finish_chunk_without_a_delta_is_read():
+    ep = ScriptedEndpoint(
+        Raw(
+            sse(
+                chunk({"content": "done"}),
+                {**chunk({}, "stop"), "choices": [{"index": 0, "finish_reason": "stop"}]},
+                "[DONE]",
+            )
+        )
+    )
+    events = [e async for e in make_runner(ep).stream(Agent(), "hi")]
+    finished = next(e for e in events if isinstance(e, TurnFinished))
+    assert finished.finish_reason == "stop" and events[-1].output == "done"
+    assert not [e for e in events if isinstance(e, TurnRetried)]
+
+
+def test_a_tool_timeout_must_be_positive():
+    with pytest.raises(ValueError, match="timeout: expected seconds > 0"):
+        tool(timeout=0)(lambda: None)
