@@ -120,7 +120,7 @@ def test_cut_completion_never_yields_a_partial_call(message, mode, data):
 CUT = "\ufffd"  # what a UTF-8 decoder (errors="replace") writes for a cut character
 
 
-@PROPERTY
+@settings(PROPERTY, max_examples=300)  # four parses each
 @given(cut_inside_marker(), st.lists(st.integers(0, 600), max_size=8))
 def test_cut_inside_a_marker_leaves_no_trace(case, points):
     """Cut by max_tokens inside a marker's bytes and decoded with errors="replace" (as SGLang's detokenizer
