@@ -575,15 +575,26 @@ class SyncRunStream:
     def __init__(self, stream: RunStream, loop: asyncio.AbstractEventLoop) -> None:
         self._stream = stream
         self._loop = loop
+        self._next: asyncio.Future[Event] | None = None  # the pending __anext__ (kept across a Ctrl-C)
 
     def __iter__(self) -> Iterator[Event]:
         return self
 
     def __next__(self) -> Event:
+        # A Ctrl-C interrupts run_until_complete but not the task it drives: the next call awaits that same
+        # task, so no event (nor the final RunCancelled) is taken by an orphan and lost.
+        if self._next is None:
+            self._next = self._loop.create_task(self._stream.__anext__())
+            # Its error reaches the caller through run_until_complete; a stream abandoned after cancel() must
+            # not log "Task exception was never retrieved".
+            self._next.add_done_callback(lambda t: t.cancelled() or t.exception())
         try:
-            return self._loop.run_until_complete(self._stream.__anext__())
+            return self._loop.run_until_complete(self._next)
         except StopAsyncIteration:
             raise StopIteration from None
+        finally:
+            if self._next.done():
+                self._next = None
 
     @property
     def result(self) -> RunResult | None:

@@ -12,6 +12,10 @@ import functools
 import gc
 import json
 import logging
+import os
+import signal
+import threading
+import time
 import warnings
 
 import pydantic
@@ -352,6 +356,32 @@ def test_a_sync_stream_left_early_does_not_go_on_in_the_next_run(caplog):
         assert ran == [] and len(ep.requests) == 2  # the abandoned run neither ran its tool nor asked again
     gc.collect()
     assert runner.client.is_closed() and "destroyed but it is pending" not in caplog.text
+
+
+@pytest.mark.timeout(60)
+def test_ctrl_c_in_a_sync_stream_then_cancel_ends_with_run_cancelled(caplog):
+    ep = ScriptedEndpoint(Hang(Reply(reasoning="a long thought"), after=3))
+    runner = make_runner(ep)
+    stream = runner.stream_sync(Agent(), "hi")
+
+    def press_ctrl_c() -> None:  # once the stream hangs, i.e. while the main thread waits in the loop
+        while not ep.hanging.is_set():
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=press_ctrl_c, daemon=True).start()
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        with pytest.raises(KeyboardInterrupt):
+            for _ in stream:
+                pass
+        stream.cancel()  # what the CLI does on Ctrl-C
+        assert ep.closed_streams == 1 and stream.snapshot().messages == [{"role": "user", "content": "hi"}]
+        with pytest.raises(RunCancelled):  # not swallowed by the call that Ctrl-C interrupted
+            next(stream)
+        runner.close()
+        del stream
+        gc.collect()
+    assert "never retrieved" not in caplog.text
 
 
 async def test_runner_as_async_context_manager_closes_its_client():
