@@ -10,6 +10,8 @@ reST `:param name:` lines.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextvars
 import dataclasses
 import functools
 import inspect
@@ -24,6 +26,11 @@ from pydantic.fields import FieldInfo
 from dsv4_agent.agent.errors import ToolArgumentsError
 
 __all__ = ["Tool", "tool", "parse_docstring"]
+
+# Sync tools run in these threads (created on demand, reused). Not asyncio's default executor: it has
+# min(32, cores + 4) threads, so on a small machine the calls of a turn beyond that would queue instead of
+# running together.
+_TOOL_THREADS = concurrent.futures.ThreadPoolExecutor(max_workers=256, thread_name_prefix="dsv4-agent-tool")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,7 +92,8 @@ class Tool:
         kwargs = {field.alias or name: getattr(args, name) for name, field in type(args).model_fields.items()}
         if self.is_async:
             return await self.fn(**kwargs)
-        value = await asyncio.to_thread(functools.partial(self.fn, **kwargs))
+        call = functools.partial(contextvars.copy_context().run, self.fn, **kwargs)  # as asyncio.to_thread
+        value = await asyncio.get_running_loop().run_in_executor(_TOOL_THREADS, call)
         # A sync wrapper (e.g. a decorator without `async def`) may hand back a coroutine: run it here.
         return await value if inspect.isawaitable(value) else value
 

@@ -195,6 +195,24 @@ async def test_non_string_tool_results_reach_the_model_as_json():
     assert "é1" in content  # not \\u-escaped: fewer prompt tokens
 
 
+async def test_many_sync_calls_of_one_turn_all_run_at_once():
+    # More calls than asyncio's default executor has threads (at most 32): each waits for all the others.
+    n = 40
+    barrier = threading.Barrier(n, timeout=20)
+
+    @tool
+    def meet(i: int) -> str:
+        """Wait for the others."""
+        barrier.wait()
+        return f"met {i}"
+
+    calls = [(f"c{i}", "meet", json.dumps({"i": i})) for i in range(n)]
+    ep = ScriptedEndpoint(Reply(tool_calls=calls, piece=64), Reply(content="ok"))
+    await make_runner(ep).run(Agent(tools=[meet]), "go")
+    outputs = [m["content"] for m in ep.requests[1]["messages"] if m["role"] == "tool"]
+    assert outputs == [f"met {i}" for i in range(n)]
+
+
 # ---- the endpoint misbehaving ------------------------------------------------------------------------------
 
 
