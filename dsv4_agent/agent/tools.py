@@ -90,12 +90,17 @@ class Tool:
         """Run the tool with validated arguments. Sync functions run in a worker thread so that parallel calls
         overlap and the event loop stays responsive."""
         kwargs = {field.alias or name: getattr(args, name) for name, field in type(args).model_fields.items()}
-        if self.is_async:
-            return await self.fn(**kwargs)
-        call = functools.partial(contextvars.copy_context().run, self.fn, **kwargs)  # as asyncio.to_thread
-        value = await asyncio.get_running_loop().run_in_executor(_TOOL_THREADS, call)
-        # A sync wrapper (e.g. a decorator without `async def`) may hand back a coroutine: run it here.
-        return await value if inspect.isawaitable(value) else value
+        try:
+            if self.is_async:
+                return await self.fn(**kwargs)
+            call = functools.partial(
+                contextvars.copy_context().run, self.fn, **kwargs
+            )  # as asyncio.to_thread
+            value = await asyncio.get_running_loop().run_in_executor(_TOOL_THREADS, call)
+            # A sync wrapper (e.g. a decorator without `async def`) may hand back a coroutine: run it here.
+            return await value if inspect.isawaitable(value) else value
+        except SystemExit as e:  # a tool around a CLI (argparse, click) must not end the agent's process
+            raise RuntimeError(f"the tool exited (SystemExit: {e.code!r})") from e
 
 
 def tool(

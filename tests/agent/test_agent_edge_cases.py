@@ -213,6 +213,30 @@ async def test_many_sync_calls_of_one_turn_all_run_at_once():
     assert outputs == [f"met {i}" for i in range(n)]
 
 
+async def test_a_tool_that_calls_sys_exit_is_an_error_for_the_model():
+    @tool
+    def cli(argv: list[str]) -> str:
+        """Run a command-line parser."""
+        raise SystemExit(2)  # what argparse does on bad arguments
+
+    @tool
+    async def quit_async() -> str:
+        """Exit."""
+        raise SystemExit("bye")
+
+    ep = ScriptedEndpoint(
+        Reply(tool_calls=[("c1", "cli", '{"argv": ["--bogus"]}'), ("c2", "quit_async", "{}")]),
+        Reply(content="recovered"),
+    )
+    result = await make_runner(ep).run(Agent(tools=[cli, quit_async]), "go")
+    outputs = [m["content"] for m in ep.requests[1]["messages"] if m["role"] == "tool"]
+    assert outputs == [
+        "Error: tool 'cli' raised RuntimeError: the tool exited (SystemExit: 2)",
+        "Error: tool 'quit_async' raised RuntimeError: the tool exited (SystemExit: 'bye')",
+    ]
+    assert result.final_output == "recovered"
+
+
 # ---- the endpoint misbehaving ------------------------------------------------------------------------------
 
 
