@@ -748,7 +748,10 @@ def _to_text(value: Any) -> str:
         return value
     if value is None:
         return ""
-    return json.dumps(pydantic_core.to_jsonable_python(value, fallback=str), ensure_ascii=False)
+    try:
+        return json.dumps(pydantic_core.to_jsonable_python(value, fallback=str), ensure_ascii=False)
+    except ValueError:  # e.g. a circular reference
+        return str(value)
 
 
 def _with_result(error: AgentError, state: _RunState) -> AgentError:

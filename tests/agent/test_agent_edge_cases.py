@@ -195,6 +195,20 @@ async def test_non_string_tool_results_reach_the_model_as_json():
     assert "é1" in content  # not \\u-escaped: fewer prompt tokens
 
 
+async def test_a_result_json_cannot_express_is_sent_as_text():
+    @tool
+    def loop() -> dict:
+        """A self-referencing value."""
+        value: dict = {"name": "node"}
+        value["self"] = value
+        return value
+
+    ep = ScriptedEndpoint(Reply(tool_calls=[("c1", "loop", "{}")]), Reply(content="ok"))
+    result = await make_runner(ep).run(Agent(tools=[loop]), "go")
+    assert ep.requests[1]["messages"][-1]["content"] == "{'name': 'node', 'self': {...}}"
+    assert result.final_output == "ok"
+
+
 async def test_many_sync_calls_of_one_turn_all_run_at_once():
     # More calls than asyncio's default executor has threads (at most 32): each waits for all the others.
     n = 40
