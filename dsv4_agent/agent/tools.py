@@ -10,13 +10,14 @@ reST `:param name:` lines.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
+import contextlib
 import contextvars
 import dataclasses
 import functools
 import inspect
 import json
 import re
+import threading
 from collections.abc import Callable
 from typing import Annotated, Any
 
@@ -26,11 +27,6 @@ from pydantic.fields import FieldInfo
 from dsv4_agent.agent.errors import ToolArgumentsError
 
 __all__ = ["Tool", "tool", "parse_docstring"]
-
-# Sync tools run in these threads (created on demand, reused). Not asyncio's default executor: it has
-# min(32, cores + 4) threads, so on a small machine the calls of a turn beyond that would queue instead of
-# running together.
-_TOOL_THREADS = concurrent.futures.ThreadPoolExecutor(max_workers=256, thread_name_prefix="dsv4-agent-tool")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,20 +83,48 @@ class Tool:
             raise ToolArgumentsError(self.name, f"invalid arguments: {problems}") from e
 
     async def invoke(self, args: pydantic.BaseModel) -> Any:
-        """Run the tool with validated arguments. Sync functions run in a worker thread so that parallel calls
-        overlap and the event loop stays responsive."""
+        """Run the tool with validated arguments. Sync functions run in a thread of their own so that parallel
+        calls overlap and the event loop stays responsive."""
         kwargs = {field.alias or name: getattr(args, name) for name, field in type(args).model_fields.items()}
         try:
             if self.is_async:
                 return await self.fn(**kwargs)
-            call = functools.partial(
-                contextvars.copy_context().run, self.fn, **kwargs
-            )  # as asyncio.to_thread
-            value = await asyncio.get_running_loop().run_in_executor(_TOOL_THREADS, call)
+            # With the caller's context variables, as asyncio.to_thread.
+            value = await _in_thread(functools.partial(contextvars.copy_context().run, self.fn, **kwargs))
             # A sync wrapper (e.g. a decorator without `async def`) may hand back a coroutine: run it here.
             return await value if inspect.isawaitable(value) else value
         except SystemExit as e:  # a tool around a CLI (argparse, click) must not end the agent's process
             raise RuntimeError(f"the tool exited (SystemExit: {e.code!r})") from e
+
+
+def _in_thread(call: Callable[[], Any]) -> asyncio.Future[Any]:
+    """Run a sync tool call in a thread of its own; the future gets its outcome.
+
+    Not asyncio's default executor: it has min(32, cores + 4) threads, so on a small machine the calls of a
+    turn beyond that would queue instead of running together, and its idle threads outlive the run. The
+    thread is a daemon: a call abandoned after a timeout or a cancel does not hold the process at exit.
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[Any] = loop.create_future()
+
+    def settle(ok: bool, value: Any) -> None:
+        if future.done():  # cancelled meanwhile (a timeout, a cancelled run): nobody waits for it
+            return
+        if ok:
+            future.set_result(value)
+        else:
+            future.set_exception(value)
+
+    def run() -> None:
+        try:
+            outcome = (True, call())
+        except BaseException as e:  # SystemExit included: the awaiting side decides
+            outcome = (False, e)
+        with contextlib.suppress(RuntimeError):  # the loop was closed meanwhile
+            loop.call_soon_threadsafe(settle, *outcome)
+
+    threading.Thread(target=run, name="dsv4-agent-tool", daemon=True).start()
+    return future
 
 
 def tool(

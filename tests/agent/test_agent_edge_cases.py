@@ -225,6 +225,11 @@ async def test_many_sync_calls_of_one_turn_all_run_at_once():
     await make_runner(ep).run(Agent(tools=[meet]), "go")
     outputs = [m["content"] for m in ep.requests[1]["messages"] if m["role"] == "tool"]
     assert outputs == [f"met {i}" for i in range(n)]
+    # ... and no idle worker threads stay behind once the calls returned.
+    tool_threads = [t for t in threading.enumerate() if t.name.startswith("dsv4-agent-tool")]
+    for t in tool_threads:
+        t.join(5)
+    assert not [t for t in tool_threads if t.is_alive()]
 
 
 async def test_a_tool_that_calls_sys_exit_is_an_error_for_the_model():
