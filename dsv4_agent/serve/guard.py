@@ -33,10 +33,28 @@ _DICT_FIELDS = ("response_format", "chat_template_kwargs", "stream_options", "re
                 "session_params", "custom_params")
 _TOOL_CHOICES = ("auto", "none", "required")
 _PROMPT_PATHS = ("/generate", "/v1/completions")
+# Content part types SGLang's message model knows; any other makes it report every union branch it tried.
+_PART_TYPES = ("text", "thinking", "reasoning", "image_url", "video_url", "audio_url", "input_audio", "tool_reference")
 
 
 def _type(v: Any) -> str:
     return "null" if v is None else type(v).__name__
+
+
+def _content_problem(field: str, content: Any) -> str | None:
+    if content is None or isinstance(content, str):
+        return None
+    if not isinstance(content, list):
+        return f"{field}: expected a string or a list of content parts, got {_type(content)}"
+    for j, part in enumerate(content):
+        if not isinstance(part, dict):
+            return f"{field}[{j}]: expected a content part object, got {_type(part)}"
+        kind = part.get("type")
+        if kind not in _PART_TYPES:
+            return f"{field}[{j}].type: unsupported content part type {kind!r} (expected 'text')"
+        if kind == "text" and not isinstance(part.get("text"), str):
+            return f"{field}[{j}].text: expected a string, got {_type(part.get('text'))}"
+    return None
 
 
 def shape_problem(body: Any) -> str | None:
@@ -54,6 +72,9 @@ def shape_problem(body: Any) -> str | None:
             return f"messages[{i}]: expected an object, got {_type(m)}"
         if not isinstance(m.get("role"), str):
             return f"messages[{i}].role: expected a string, got {_type(m.get('role'))}"
+        problem = _content_problem(f"messages[{i}].content", m.get("content"))
+        if problem:
+            return problem
         calls = m.get("tool_calls")
         if calls is not None:
             if not isinstance(calls, list):
@@ -113,6 +134,42 @@ def _vocab_size() -> int | None:
 
     state = http_server._global_state
     return getattr(getattr(getattr(state, "tokenizer_manager", None), "model_config", None), "vocab_size", None)
+
+
+def _loc_field(loc: Any) -> str:
+    """`messages[0].content` from a pydantic loc; union-branch tags (`ChatCompletionMessageUserParam`,
+    `function-after[...]`, `str`, `list[...]`) are left out."""
+    out = ""
+    for i, part in enumerate(loc):
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif i == 0 and part in ("body", "header", "query"):
+            continue
+        elif isinstance(part, str) and part.replace("-", "_").isidentifier() and not part[0].isupper() \
+                and part not in ("str", "int", "float", "bool", "list", "dict", "constrained-float"):
+            out += f".{part}" if out else part
+    return out or "request body"
+
+
+def validation_message(errors: list[dict[str, Any]]) -> str:
+    """'field: problem' for SGLang's request validation errors (at most 3), instead of its dump of every
+    union branch tried plus the endpoint's source location. Branches that failed only on their
+    discriminator (a message `role`, a part `type`) are not the client's problem and are left out."""
+    if errors and errors[0].get("type") == "json_invalid":
+        return f"request body: invalid JSON ({(errors[0].get('ctx') or {}).get('error', errors[0].get('msg'))})"
+
+    def tagged(loc: Any) -> bool:
+        return any(isinstance(p, str) and (p[:1].isupper() or "[" in p) for p in loc)
+
+    wrong_branches = [tuple(e["loc"][:-1]) for e in errors if tagged(e["loc"]) and e["loc"][-1] in ("role", "type")
+                      and e.get("type") in ("literal_error", "value_error")]
+    relevant = [e for e in errors if not any(tuple(e["loc"][:len(b)]) == b for b in wrong_branches)] or errors
+    lines: list[str] = []
+    for e in relevant:
+        line = f"{_loc_field(e['loc'])}: {e.get('msg', 'invalid')}"
+        if line not in lines:
+            lines.append(line)
+    return "; ".join(lines[:3])
 
 
 async def _send_json(send: Any, status: int, payload: dict[str, Any]) -> None:
@@ -198,6 +255,17 @@ class ChatRequestGuard:
 
 def install(*args: Any, **kwargs: Any) -> None:
     """BEFORE hook on `sglang.srt.entrypoints.http_server.launch_server`."""
+    from fastapi.exceptions import RequestValidationError
     from sglang.srt.entrypoints.http_server import app
 
     app.add_middleware(ChatRequestGuard)
+    sglang_handler = app.exception_handlers[RequestValidationError]
+
+    async def validation_error(request: Any, exc: RequestValidationError) -> Any:
+        if not request.url.path.endswith(("/chat/completions", *_PROMPT_PATHS)):
+            return await sglang_handler(request, exc)
+        from fastapi.responses import ORJSONResponse
+
+        return ORJSONResponse(_error(validation_message(exc.errors())), status_code=400)
+
+    app.add_exception_handler(RequestValidationError, validation_error)

@@ -31,6 +31,7 @@ from typing import Any
 
 from fastapi import Request
 from fastapi.responses import ORJSONResponse, StreamingResponse
+from jsonschema import Draft202012Validator, SchemaError
 from sglang.srt.entrypoints.openai.protocol import (
     ChatCompletionMessageGenericParam,
     ChatCompletionRequest,
@@ -258,6 +259,16 @@ class DSV4ServingChat(OpenAIServingChat):
                 raise BadRequest(f"tool_choice.function.name: tool {choice.function.name!r} is not in tools")
         elif choice == "required" and not names:
             raise BadRequest("tool_choice: 'required' needs a non-empty tools list")
+        schema = getattr(getattr(request.response_format, "json_schema", None), "schema_", None)
+        if schema is not None:
+            # Checked here, not only when the grammar backend compiles it: a stream has already started then,
+            # and the client gets an in-band error naming no field.
+            try:
+                Draft202012Validator.check_schema(schema)
+            except SchemaError as e:
+                raise BadRequest(f"response_format.json_schema.schema: not a valid JSON Schema: {e.message}") from None
+            except RecursionError:
+                raise BadRequest("response_format.json_schema.schema: nested too deeply") from None
         for key in request.logit_bias or {}:
             if not key.lstrip("-").isdigit():
                 raise BadRequest(f"logit_bias: keys must be token ids, got {key!r}")
