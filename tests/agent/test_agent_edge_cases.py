@@ -69,6 +69,28 @@ def chunk(delta: dict, finish: str | None = None) -> dict:
 # ---- @tool -------------------------------------------------------------------------------------------------
 
 
+@dataclasses.dataclass
+class Box:
+    width: float
+    label: str = "box"
+
+
+async def test_dataclass_dict_union_and_optional_parameters_without_a_docstring():
+    async def pack(box: Box, counts: dict[str, int], key: int | str, note: str | None = None) -> str:
+        return f"{box!r} {counts} {key!r} {note}"
+
+    packer = tool(pack)
+    params = packer.json_schema()
+    assert packer.description == "" and params["required"] == ["box", "counts", "key"]
+    assert params["$defs"]["Box"]["required"] == ["width"]
+    assert params["properties"]["counts"] == {"additionalProperties": {"type": "integer"}, "type": "object"}
+    assert params["properties"]["key"] == {"anyOf": [{"type": "integer"}, {"type": "string"}]}
+    args = packer.validate('{"box": {"width": 2}, "counts": {"a": 1}, "key": "k"}')
+    assert await packer.invoke(args) == "Box(width=2.0, label='box') {'a': 1} 'k' None"
+    with pytest.raises(Exception, match=r"box\.width: Field required"):
+        packer.validate('{"box": {}, "counts": {}, "key": 1}')
+
+
 async def test_field_defaults_keep_their_default_constraints_and_description():
     @tool
     def page(
