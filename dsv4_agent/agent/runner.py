@@ -786,7 +786,12 @@ def _status_error(error: BaseException) -> AgentError:
     if code == 400 and ("context length" in lowered or "maximum context" in lowered or "too long" in lowered):
         return ContextWindowExceeded(f"the endpoint rejected the prompt as too long: {text}")
     if isinstance(error, openai.APIStatusError):
-        return ModelHTTPError(f"the endpoint answered HTTP {code}: {text}", code)
+        request = error.response.request
+        # A 404 is most often a base URL without its /v1.
+        hint = "; does the base URL end in /v1?" if code == 404 else ""
+        return ModelHTTPError(
+            f"the endpoint answered HTTP {code} to {request.method} {request.url}: {text}{hint}", code
+        )
     return ModelHTTPError(f"the endpoint reported an error in the stream (code {code}): {text}", code)
 
 

@@ -347,6 +347,15 @@ async def test_listing_the_models_fails_with_a_typed_error():
     assert (await runner.run(Agent(), "hi")).final_output == "up now"
 
 
+async def test_a_404_names_the_url_and_hints_at_the_missing_v1():
+    ep = ScriptedEndpoint(Status(404, '{"detail": "Not Found"}'))
+    with pytest.raises(ModelHTTPError) as info:
+        await make_runner(ep, model="m").run(Agent(), "hi")
+    message = str(info.value)
+    assert "HTTP 404 to POST http://scripted.test/v1/chat/completions" in message and "end in /v1" in message
+    assert info.value.status_code == 404 and len(ep.requests) == 1
+
+
 async def test_a_call_without_a_name_or_id_has_one_id_in_events_and_history():
     ep = ScriptedEndpoint(Reply(tool_calls=[("", "", '{"a": 1}')]), Reply(content="ok"))
     events = [e async for e in make_runner(ep).stream(Agent(), "go")]
