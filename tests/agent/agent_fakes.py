@@ -16,6 +16,8 @@ from typing import Any
 import httpx
 import openai
 
+from dsv4_agent.agent import RetryPolicy, Runner, Tool, tool
+
 
 @dataclasses.dataclass
 class Reply:
@@ -307,3 +309,24 @@ class ThreadedScriptedServer:
     def __exit__(self, *exc: object) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+FAST_RETRY = RetryPolicy(max_retries=2, initial_delay_s=0.001, max_delay_s=0.01)
+
+
+def make_runner(endpoint: ScriptedEndpoint, **kw: Any) -> Runner:
+    """A Runner on the scripted endpoint that retries without waiting (`retry=` overrides)."""
+    return Runner(endpoint.client(), retry=kw.pop("retry", FAST_RETRY), **kw)
+
+
+def recording_tool() -> tuple[Tool, list[int]]:
+    """A sync tool `work(n)` and the list of the n it ran with: which calls really ran."""
+    ran: list[int] = []
+
+    @tool
+    def work(n: int) -> str:
+        """Work."""
+        ran.append(n)
+        return "done"
+
+    return work, ran

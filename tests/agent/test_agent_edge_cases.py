@@ -20,7 +20,17 @@ import warnings
 
 import pydantic
 import pytest
-from agent_fakes import Hang, Raw, Reply, ScriptedEndpoint, Status, ThreadedScriptedServer
+from agent_fakes import (
+    FAST_RETRY,
+    Hang,
+    Raw,
+    Reply,
+    ScriptedEndpoint,
+    Status,
+    ThreadedScriptedServer,
+    make_runner,
+    recording_tool,
+)
 from agent_fixtures import anyio_backend  # noqa: F401  (pytest fixture)
 
 from dsv4_agent.agent import (
@@ -44,12 +54,6 @@ from dsv4_agent.agent import (
 from dsv4_agent.agent.cli import main
 
 pytestmark = pytest.mark.anyio
-
-FAST_RETRY = RetryPolicy(max_retries=2, initial_delay_s=0.001, max_delay_s=0.01)
-
-
-def make_runner(endpoint: ScriptedEndpoint, **kw) -> Runner:
-    return Runner(endpoint.client(), retry=kw.pop("retry", FAST_RETRY), **kw)
 
 
 def sse(*events: dict | str) -> str:
@@ -383,14 +387,7 @@ async def test_breaking_out_of_the_stream_closes_it():
 
 
 async def test_a_kept_stream_left_early_does_not_run_ahead():
-    ran: list[int] = []
-
-    @tool
-    def work(n: int) -> str:
-        """Work."""
-        ran.append(n)
-        return "done"
-
+    work, ran = recording_tool()
     ep = ScriptedEndpoint(Reply(tool_calls=[("c1", "work", '{"n": 1}')]), Reply(content="ok"))
     stream = make_runner(ep).stream(Agent(tools=[work]), "go")
     async for event in stream:
@@ -427,14 +424,7 @@ async def test_a_cancel_between_events_leaves_every_call_answered():
 
 
 def test_a_sync_stream_left_early_does_not_go_on_in_the_next_run(caplog):
-    ran: list[int] = []
-
-    @tool
-    def work(n: int) -> str:
-        """Work."""
-        ran.append(n)
-        return "done"
-
+    work, ran = recording_tool()
     ep = ScriptedEndpoint(
         Reply(reasoning="plan it", tool_calls=[("c1", "work", '{"n": 1}')]),
         Reply(content="second task done"),

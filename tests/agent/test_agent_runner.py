@@ -7,7 +7,7 @@ import threading
 import time
 
 import pytest
-from agent_fakes import Broken, Hang, Reply, ScriptedEndpoint, Status
+from agent_fakes import Broken, Hang, Reply, ScriptedEndpoint, Status, make_runner, recording_tool
 from agent_fixtures import anyio_backend  # noqa: F401  (pytest fixture)
 
 from dsv4_agent.agent import (
@@ -21,7 +21,6 @@ from dsv4_agent.agent import (
     ModelHTTPError,
     ModelSettings,
     ReasoningDelta,
-    RetryPolicy,
     RunCancelled,
     Runner,
     TokenBudgetExceeded,
@@ -42,8 +41,6 @@ from dsv4_agent.agent import (
 
 pytestmark = pytest.mark.anyio
 
-FAST_RETRY = RetryPolicy(max_retries=2, initial_delay_s=0.001, max_delay_s=0.01)
-
 
 @tool
 def get_weather(city: str, unit: str = "C") -> str:
@@ -60,10 +57,6 @@ def get_weather(city: str, unit: str = "C") -> str:
 async def add(a: int, b: int) -> int:
     """Add two integers."""
     return a + b
-
-
-def make_runner(endpoint: ScriptedEndpoint, **kw) -> Runner:
-    return Runner(endpoint.client(), retry=kw.pop("retry", FAST_RETRY), **kw)
 
 
 async def collect(runner: Runner, agent: Agent, task: str, **kw) -> list:
@@ -337,14 +330,7 @@ async def test_max_turns_raises_with_a_continuable_history():
 
 
 async def test_token_budget_stops_before_running_more_tools():
-    ran: list[int] = []
-
-    @tool
-    def work(n: int) -> str:
-        """Work."""
-        ran.append(n)
-        return "ok"
-
+    work, ran = recording_tool()
     ep = ScriptedEndpoint(
         Reply(tool_calls=[("c1", "work", '{"n": 1}')], usage=(400, 50, 0)),
         Reply(tool_calls=[("c2", "work", '{"n": 2}')], usage=(500, 60, 400)),
