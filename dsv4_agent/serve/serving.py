@@ -251,6 +251,15 @@ class DSV4ServingChat(OpenAIServingChat):
             if params is not None and not (isinstance(params, dict) and params.get("type", "object") == "object"):
                 raise BadRequest(f"tools[{j}].function.parameters: must be a JSON Schema object with "
                                  '"type": "object"')
+            # DSML writes tool and parameter names raw inside double quotes: a quote in one makes the
+            # model's call unparseable (a silently dropped call, or arguments under another key).
+            if '"' in tool.function.name:
+                raise BadRequest(f'tools[{j}].function.name: a tool name cannot contain \'"\'')
+            properties = (params or {}).get("properties")
+            for key in properties if isinstance(properties, dict) else ():
+                if '"' in key:
+                    raise BadRequest(f"tools[{j}].function.parameters.properties: a parameter name cannot contain "
+                                     f"'\"' (got {key!r})")
         choice = request.tool_choice
         if isinstance(choice, ToolChoice):
             if not choice.function.name:

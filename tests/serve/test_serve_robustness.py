@@ -110,6 +110,9 @@ def _mutations(model: str) -> list[tuple[str, dict, str]]:
             "type": "json_schema", "json_schema": {"name": "x", "schema": bad}}), "response_format.json_schema.schema")
     add("json_schema without name", lambda b: b.update(response_format={"type": "json_schema", "json_schema": {
         "schema": {"type": "object"}}}), "response_format.json_schema.name")
+    add("tool name with a quote", lambda b: b["tools"][0]["function"].update(name='get"weather'), "tools[0].function.name")
+    add("parameter name with a quote", lambda b: b["tools"][0]["function"]["parameters"]["properties"].update(
+        {'ci"ty': {"type": "string"}}), "tools[0].function.parameters.properties")
     add("tool description not a string", lambda b: b["tools"][0]["function"].update(description=5), "description")
     add("oversized prompt", lambda b: b["messages"][1].update(content="word " * 40000))
     add("assistant tool_call name missing",
