@@ -28,6 +28,7 @@ from typing import Any
 
 import httpx
 import openai
+import pydantic
 import pydantic_core
 from openai.types.chat import ChatCompletionChunk
 
@@ -748,6 +749,8 @@ def _to_text(value: Any) -> str:
         return value
     if value is None:
         return ""
+    if isinstance(value, pydantic.BaseModel):
+        return value.model_dump_json()
     try:
         return json.dumps(pydantic_core.to_jsonable_python(value, fallback=str), ensure_ascii=False)
     except ValueError:  # e.g. a circular reference
