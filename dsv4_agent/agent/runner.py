@@ -450,8 +450,8 @@ class Runner:
             raise _status_error(error) from error
         if attempt >= self.retry.max_retries:
             raise ModelHTTPError(
-                f"{what} to {self.client.base_url} failed after {self.retry.max_retries} retries: "
-                f"{type(error).__name__}: {error}",
+                f"{what} failed after {self.retry.max_retries} retries: {error} "
+                f"({type(error).__name__}, endpoint {self.client.base_url})",
                 _error_code(error),
             ) from error
         return attempt + 1
@@ -793,7 +793,7 @@ def _status_error(error: BaseException) -> AgentError:
         # A 404 is most often a base URL without its /v1.
         hint = "; does the base URL end in /v1?" if code == 404 else ""
         return ModelHTTPError(
-            f"the endpoint answered HTTP {code} to {request.method} {request.url}: {text}{hint}", code
+            f"the endpoint answered HTTP {code}: {text} ({request.method} {request.url}{hint})", code
         )
     return ModelHTTPError(f"the endpoint reported an error in the stream (code {code}): {text}", code)
 
