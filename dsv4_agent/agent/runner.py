@@ -82,10 +82,10 @@ class Limits:
     def __post_init__(self) -> None:
         if self.max_turns < 1:
             raise ValueError(f"max_turns: expected >= 1, got {self.max_turns}")
-        if self.tool_timeout is not None and not self.tool_timeout > 0:
-            raise ValueError(f"tool_timeout: expected seconds > 0 or None, got {self.tool_timeout}")
-        if self.max_total_tokens is not None and self.max_total_tokens < 1:
-            raise ValueError(f"max_total_tokens: expected >= 1 or None, got {self.max_total_tokens}")
+        if self.tool_timeout is not None and not self.tool_timeout >= 0:
+            raise ValueError(f"tool_timeout: expected seconds >= 0 or None, got {self.tool_timeout}")
+        if self.max_total_tokens is not None and self.max_total_tokens < 0:
+            raise ValueError(f"max_total_tokens: expected >= 0 or None, got {self.max_total_tokens}")
 
 
 @dataclasses.dataclass

@@ -151,8 +151,8 @@ def tool(
 def _make_tool(
     fn: Callable[..., Any], *, name: str | None, description: str | None, timeout: float | None
 ) -> Tool:
-    if timeout is not None and not timeout > 0:
-        raise ValueError(f"timeout: expected seconds > 0 or None, got {timeout}")
+    if timeout is not None and not timeout >= 0:
+        raise ValueError(f"timeout: expected seconds >= 0 or None, got {timeout}")
     summary, param_docs = parse_docstring(inspect.getdoc(fn) or "")
     tool_name = name or getattr(fn, "__name__", None)
     if tool_name is None:

@@ -490,9 +490,8 @@ def test_run_sync_in_a_running_loop_says_what_to_do():
 @pytest.mark.parametrize(
     "make, field",
     [
-        (lambda: Limits(tool_timeout=0), "tool_timeout"),
         (lambda: Limits(tool_timeout=-1.0), "tool_timeout"),
-        (lambda: Limits(max_total_tokens=0), "max_total_tokens"),
+        (lambda: Limits(max_total_tokens=-1), "max_total_tokens"),
         (lambda: Limits(max_turns=0), "max_turns"),
         (lambda: RetryPolicy(max_retries=-1), "max_retries"),
         (lambda: ContextPolicy(max_prompt_tokens=0), "max_prompt_tokens"),
@@ -508,7 +507,7 @@ def test_bad_limits_name_the_field(make, field):
     [
         (["--max-turns", "0"], "max_turns"),
         (["--tool-timeout", "-1"], "tool_timeout"),
-        (["--max-total-tokens", "0"], "max_total_tokens"),
+        (["--max-total-tokens", "-1"], "max_total_tokens"),
         (["--max-prompt-tokens", "-5"], "max_prompt_tokens"),
         (["--shell-timeout", "0"], "shell_timeout"),
     ],
@@ -556,6 +555,6 @@ async def test_a_finish_chunk_without_a_delta_is_read():
     assert not [e for e in events if isinstance(e, TurnRetried)]
 
 
-def test_a_tool_timeout_must_be_positive():
-    with pytest.raises(ValueError, match="timeout: expected seconds > 0"):
-        tool(timeout=0)(lambda: None)
+def test_a_tool_timeout_must_not_be_negative():
+    with pytest.raises(ValueError, match="timeout: expected seconds >= 0"):
+        tool(timeout=-1)(lambda: None)
