@@ -37,17 +37,21 @@ from dsv4_agent.agent import (
     Agent,
     ContextPolicy,
     ContextWindowExceeded,
+    FinalOutput,
     Limits,
     ModelHTTPError,
     ReasoningDelta,
     RetryPolicy,
     RunCancelled,
     Runner,
+    ToolCallArgumentsDelta,
     ToolCallFinished,
     ToolCallStarted,
     ToolResult,
     TurnFinished,
     TurnRetried,
+    TurnStarted,
+    TurnUsage,
     UnknownToolError,
     tool,
 )
@@ -371,6 +375,39 @@ async def test_a_call_without_a_name_or_id_has_one_id_in_events_and_history():
     assistant, tool_msg = ep.requests[1]["messages"][1:]
     assert finished.call_id and finished.call_id == result.call_id == tool_msg["tool_call_id"]
     assert assistant["tool_calls"][0]["id"] == finished.call_id and isinstance(result.error, UnknownToolError)
+
+
+async def test_event_stream_order_and_completeness_over_several_turns():
+    work, _ = recording_tool()
+    script = [
+        Reply(reasoning="two at once", tool_calls=[("a1", "work", '{"n": 1}'), ("a2", "work", '{"n": 2}')]),
+        Reply(content="thinking aloud", tool_calls=[("b1", "work", '{"n": 3}')], usage=(300, 30, 100)),
+        Reply(reasoning="done", content="all done"),
+    ]
+    events = [e async for e in make_runner(ScriptedEndpoint(*script)).stream(Agent(tools=[work]), "go")]
+    assert isinstance(events[-1], FinalOutput) and sum(isinstance(e, FinalOutput) for e in events) == 1
+    for turn in (1, 2, 3):
+        mine = [e for e in events if getattr(e, "turn", None) == turn]
+        kinds = [type(e) for e in mine]
+        assert kinds[0] is TurnStarted and kinds.count(TurnUsage) == kinds.count(TurnFinished) == 1
+        started = {e.call_id: i for i, e in enumerate(mine) if isinstance(e, ToolCallStarted)}
+        finished = {e.call_id: i for i, e in enumerate(mine) if isinstance(e, ToolCallFinished)}
+        results = {e.call_id: i for i, e in enumerate(mine) if isinstance(e, ToolResult)}
+        assert started.keys() == finished.keys() == results.keys()  # every started call is done and answered
+        usage_at, finished_at = kinds.index(TurnUsage), kinds.index(TurnFinished)
+        for call_id in started:
+            deltas = [
+                i
+                for i, e in enumerate(mine)
+                if isinstance(e, ToolCallArgumentsDelta) and e.call_id == call_id
+            ]
+            assert started[call_id] < min(deltas) <= max(deltas) < finished[call_id] < usage_at < finished_at
+            assert finished_at < results[call_id]
+    turn_starts = [i for i, e in enumerate(events) if isinstance(e, TurnStarted)]
+    assert [events[i].turn for i in turn_starts] == [1, 2, 3]
+    assert events[-1].result.usage.total_tokens == sum(
+        e.usage.total_tokens for e in events if isinstance(e, TurnUsage)
+    )
 
 
 # ---- streams left early ------------------------------------------------------------------------------------
