@@ -8,9 +8,12 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     usage = "usage: dsv4-agent {serve,chat,run} [args...]   (dsv4-agent COMMAND --help for details)"
-    if not argv or argv[0] in ("-h", "--help"):
+    if argv and argv[0] in ("-h", "--help"):
         print(usage)
         return 0
+    if not argv:  # a missing command is a usage error, as for any other bad invocation
+        print(usage, file=sys.stderr)
+        return 2
     command, rest = argv[0], argv[1:]
     if command == "serve":
         from dsv4_agent.serve.cli import main as serve_main

@@ -161,3 +161,12 @@ def test_chat_keeps_history_across_turns(tmp_path, capsys, monkeypatch):
         {"role": "assistant", "content": "Hi!", "reasoning_content": "greet"},
         {"role": "user", "content": "what did I say?"},
     ]
+
+
+def test_dispatcher_usage_and_exit_codes(capsys):
+    assert dispatcher_main(["--help"]) == 0
+    assert "usage: dsv4-agent" in capsys.readouterr().out
+    assert dispatcher_main([]) == 2
+    assert "usage: dsv4-agent" in capsys.readouterr().err
+    assert dispatcher_main(["bogus"]) == 2
+    assert "unknown command 'bogus'" in capsys.readouterr().err
