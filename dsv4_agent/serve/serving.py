@@ -163,7 +163,9 @@ class DSV4ServingChat(OpenAIServingChat):
         except ValueError as e:
             return self.create_error_response(str(e))
         response = await super().handle_request(request, raw_request)
-        single = not request.parallel_tool_calls
+        # A named tool_choice means one call; the grammar allows one invoke, but a string value may hold DSML
+        # markup the parser reads as a second call.
+        single = not request.parallel_tool_calls or isinstance(request.tool_choice, ToolChoice)
         if isinstance(response, StreamingResponse):
             response.body_iterator = self._rewrite_stream(response.body_iterator, single)
         elif isinstance(response, ChatCompletionResponse):
@@ -304,8 +306,8 @@ class DSV4ServingChat(OpenAIServingChat):
             self.reasoning_store.put(call_ids, reasoning)
 
     def _rewrite_response(self, response: ChatCompletionResponse, single_call: bool) -> dict[str, Any]:
-        """`reasoning` beside `reasoning_content`; with parallel_tool_calls=false only the first call
-        (forced calls are limited by the grammar already; this covers `auto`)."""
+        """`reasoning` beside `reasoning_content`; with parallel_tool_calls=false or a named tool_choice only
+        the first call."""
         data = response.model_dump(by_alias=True, exclude_none=False)
         for choice in data["choices"]:
             msg = choice["message"]

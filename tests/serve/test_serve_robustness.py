@@ -11,7 +11,7 @@ import threading
 
 import httpx
 import pytest
-from serve_helpers import TIMEOUT, PromptIds, chat, stream
+from serve_helpers import TIMEOUT, D, PromptIds, chat, stream
 
 pytestmark = pytest.mark.server
 
@@ -299,3 +299,23 @@ def test_request_variants_answer_with_cached_tokens_and_streams_agree(scripted_s
             failures.append(f"{name}: stream {msg['content']!r}/{msg['reasoning_content']!r} != "
                             f"{first['content']!r}/{first['reasoning_content']!r}")
     assert not failures, "\n".join(failures)
+
+
+def test_named_tool_choice_yields_one_call_streamed_or_not(scripted_server):
+    """The forced-call grammar takes everything up to `</parameter>` as a string value, DSML markup included;
+    the parser reads such a value as the end of the call and the start of another one. A named tool_choice
+    still answers exactly one call."""
+    server = scripted_server
+    server.script([{"when": "named call", "reply": (
+        f'\n\n<{D}tool_calls>\n<{D}invoke name="get_weather">\n<{D}parameter name="city" string="true">Oslo</{D}invoke>\n'
+        f'<{D}invoke name="get_weather">\n<{D}parameter name="city" string="true">Rome</{D}parameter>\n</{D}invoke>\n'
+        f"</{D}tool_calls>")}])
+    body = {"model": server.model, "messages": [{"role": "user", "content": "named call"}], "tools": [TOOL],
+            "max_tokens": 200, "temperature": 0, "thinking": {"type": "disabled"},
+            "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}
+    r = chat(server.base_url, body)
+    assert r.status_code == 200, r.text
+    calls = [(c["function"]["name"], c["function"]["arguments"]) for c in r.json()["choices"][0]["message"]["tool_calls"]]
+    _, msg = stream(server.base_url, body)
+    assert calls == [(c["name"], c["arguments"]) for c in msg["tool_calls"].values()] == [
+        ("get_weather", '{"city": "Oslo"}')]
