@@ -158,12 +158,14 @@ def validation_message(errors: list[dict[str, Any]]) -> str:
     if errors and errors[0].get("type") == "json_invalid":
         return f"request body: invalid JSON ({(errors[0].get('ctx') or {}).get('error', errors[0].get('msg'))})"
 
-    def tagged(loc: Any) -> bool:
-        return any(isinstance(p, str) and (p[:1].isupper() or "[" in p) for p in loc)
+    def tag(part: Any) -> bool:  # a union branch: `ChatCompletionMessageUserParam`, `function-after[...]`
+        return isinstance(part, str) and (part[:1].isupper() or "[" in part)
 
-    wrong_branches = [tuple(e["loc"][:-1]) for e in errors if tagged(e["loc"]) and e["loc"][-1] in ("role", "type")
-                      and e.get("type") in ("literal_error", "value_error")]
-    relevant = [e for e in errors if not any(tuple(e["loc"][:len(b)]) == b for b in wrong_branches)] or errors
+    mismatches = [e for e in errors if len(e["loc"]) > 1 and tag(e["loc"][-2])
+                  and e["loc"][-1] in ("role", "type") and e.get("type") in ("literal_error", "value_error")]
+    wrong_branches = [tuple(e["loc"][:-1]) for e in mismatches]
+    relevant = [e for e in errors if not any(tuple(e["loc"][:len(b)]) == b for b in wrong_branches)]
+    relevant = relevant or mismatches  # no branch fits: the discriminator itself is wrong
     lines: list[str] = []
     for e in relevant:
         line = f"{_loc_field(e['loc'])}: {e.get('msg', 'invalid')}"

@@ -110,6 +110,9 @@ def _mutations(model: str) -> list[tuple[str, dict, str]]:
             "type": "json_schema", "json_schema": {"name": "x", "schema": bad}}), "response_format.json_schema.schema")
     add("json_schema without name", lambda b: b.update(response_format={"type": "json_schema", "json_schema": {
         "schema": {"type": "object"}}}), "response_format.json_schema.name")
+    add("tool_call type custom", lambda b: b["messages"][2]["tool_calls"][0].update(type="custom"),
+        "messages[2].tool_calls[0].type")
+    add("response_format type unknown", lambda b: b.update(response_format={"type": "xml"}), "response_format.type")
     add("tool name with a quote", lambda b: b["tools"][0]["function"].update(name='get"weather'), "tools[0].function.name")
     add("parameter name with a quote", lambda b: b["tools"][0]["function"]["parameters"]["properties"].update(
         {'ci"ty': {"type": "string"}}), "tools[0].function.parameters.properties")
