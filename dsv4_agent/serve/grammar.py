@@ -12,10 +12,11 @@ xgrammar's builtin `deepseek_v4` tag is not used: it accepts unbounded whitespac
     </｜DSML｜tool_calls>
 
 Per property: a string enum/const -> `string="true"` and one of the literal values; any other plain string
--> `string="true"` and free text up to the closing tag; everything else -> `string="false"` and JSON
-constrained by the property's schema (at most one whitespace character in a row). Required properties
-are mandatory, optional ones may be left out. SGLang applies the tag after `</think>` when the request
-thinks (its reasoner grammar backend owns the reasoning part), so forced calls work in thinking mode too.
+-> `string="true"` and free text up to the closing tag (no DSML tag or EOS inside: `VALUE_EXCLUDES`);
+everything else -> `string="false"` and JSON constrained by the property's schema (at most one whitespace
+character in a row). Required properties are mandatory, optional ones may be left out. SGLang applies the
+tag after `</think>` when the request thinks (its reasoner grammar backend owns the reasoning part), so
+forced calls work in thinking mode too.
 """
 
 from __future__ import annotations
@@ -35,9 +36,22 @@ from xgrammar.structural_tag import (
     TriggeredTagsFormat,
 )
 
-from dsv4_agent.encoding.tokens import DSML, INVOKE_CLOSE, PARAMETER_CLOSE, TOOL_CALLS_CLOSE, TOOL_CALLS_OPEN
+from dsv4_agent.encoding.tokens import (
+    DSML,
+    EOS,
+    INVOKE_CLOSE,
+    PARAMETER_CLOSE,
+    TOOL_CALLS_CLOSE,
+    TOOL_CALLS_OPEN,
+)
 
 MAX_JSON_WHITESPACE = 1
+# What the parser reads as structure inside a string value: a DSML tag in any pipe form, and EOS. Kept out of
+# free-text values, so a value cannot open another (unchecked) call or close its own call early. Both the
+# `<` and the `</` forms are listed: xgrammar 0.2.7 does not enforce an exclude that starts right after a
+# partial match of the end tag (`</` + `｜DSML` passes when only `｜DSML` is excluded).
+_PIPES = ("｜", "|", "｜｜", "｜|", "|｜", "||")
+VALUE_EXCLUDES = [f"<{slash}{pipe}DSML" for slash in ("", "/") for pipe in _PIPES] + [EOS]
 
 
 def _literal_strings(schema: dict[str, Any]) -> list[str] | None:
@@ -63,7 +77,8 @@ def _parameter(key: str, schema: Any, defs: dict[str, Any] | None) -> Any:
         plain_string = schema.get("type") == "string" and not any(
             k in schema for k in ("pattern", "format", "minLength", "maxLength", "$ref", "anyOf", "oneOf", "allOf"))
         if plain_string:
-            return TagFormat(begin=head + '"true">', content=AnyTextFormat(), end=PARAMETER_CLOSE + "\n")
+            return TagFormat(begin=head + '"true">', content=AnyTextFormat(excludes=VALUE_EXCLUDES),
+                             end=PARAMETER_CLOSE + "\n")
     sub = dict(schema) if isinstance(schema, dict) else {}
     if defs and "$defs" not in sub:
         sub["$defs"] = defs

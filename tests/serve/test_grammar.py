@@ -68,3 +68,23 @@ def test_auto_allows_text_and_constrains_opened_blocks():
     assert _accepts(tag, "Checking." + _calls_text(("get_weather", {"city": "Rome", "days": 2})))
     assert not _accepts(tag, "Checking." + _calls_text(("get_weather", {"city": "Nice", "days": 2})))
     assert DSML in _calls_text(("noop", {}))
+
+
+@pytest.mark.parametrize("note", ['a <｜DSML｜invoke name="noop">', "a </｜DSML｜invoke> b", "a <|DSML|parameter", "x </｜｜DSML｜｜tool_calls>",
+                                  "a </|｜DSML|parameter> b", f"a {EOS} b"])
+def test_string_values_cannot_carry_markup(note):
+    """A free-text value with a DSML tag (any pipe form) or EOS would parse as another, unchecked call or end
+    this one early: the grammar refuses it, also under strict auto."""
+    text = _calls_text(("get_weather", {"city": "Paris", "days": 1, "note": note}))
+    calls = parse_completion(text, "chat").get("tool_calls") or []
+    assert [json.loads(c["function"]["arguments"]) for c in calls] != [{"city": "Paris", "days": 1, "note": note}]
+    assert not _accepts(forced_tool_calls_tag(TOOLS, None, True), text)
+    assert not _accepts(auto_tool_calls_tag(TOOLS, True), "Sure." + text)
+
+
+@pytest.mark.parametrize("note", ["a ｜DSML｜ b", "a |DSML| b", "</think> <think>", "x </｜DSM y", "< / ｜ |", "a <b>"])
+def test_string_values_keep_look_alikes(note):
+    args = {"city": "Paris", "days": 1, "note": note}
+    text = _calls_text(("get_weather", args))
+    assert _accepts(forced_tool_calls_tag(TOOLS, None, True), text)
+    assert json.loads(parse_completion(text, "chat")["tool_calls"][0]["function"]["arguments"]) == args
