@@ -24,6 +24,7 @@ import os
 import random
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from functools import partial
 from typing import Any
 
 import httpx
@@ -499,6 +500,7 @@ class RunStream:
         if self._task is None and not self._cancelled_early:
             # The task holds no reference to `self`, so that dropping an abandoned stream cancels it.
             self._task = asyncio.ensure_future(_pump(self._events, self._queue, self._state))
+            self._task.add_done_callback(partial(_cancelled_before_start, self._queue, self._state))
         try:
             item = await self._queue.get()
         except asyncio.CancelledError:
@@ -548,6 +550,13 @@ class RunStream:
         task = getattr(self, "_task", None)
         if task is not None and not task.done() and not task.get_loop().is_closed():
             task.cancel()
+
+
+def _cancelled_before_start(queue: asyncio.Queue[Event | _End], state: _RunState, task: asyncio.Task[None]) -> None:
+    # A cancel that lands before the pump's first step never enters its `try`, so no `_End` would be queued
+    # and the consumer would wait forever (the pump swallows every later cancel itself).
+    if task.cancelled():
+        queue.put_nowait(_End(_with_result(RunCancelled("the run was cancelled"), state)))
 
 
 async def _pump(

@@ -118,6 +118,10 @@ def _in_thread(call: Callable[[], Any]) -> asyncio.Future[Any]:
     def run() -> None:
         try:
             outcome = (True, call())
+        except StopIteration as e:  # a future cannot hold it (set_exception raises TypeError): it would hang
+            error = RuntimeError(f"the tool raised StopIteration{f': {e}' if str(e) else ''}")
+            error.__cause__ = e
+            outcome = (False, error)
         except BaseException as e:  # SystemExit included: the awaiting side decides
             outcome = (False, e)
         with contextlib.suppress(RuntimeError):  # the loop was closed meanwhile

@@ -286,6 +286,20 @@ async def test_a_tool_that_calls_sys_exit_is_an_error_for_the_model():
     assert result.final_output == "recovered"
 
 
+@pytest.mark.timeout(30)
+async def test_a_sync_tool_raising_stop_iteration_is_an_error_not_a_hang():
+    @tool
+    def first(items: list[int]) -> int:
+        """The first item."""
+        return next(iter(items))
+
+    ep = ScriptedEndpoint(Reply(tool_calls=[("c1", "first", '{"items": []}')]), Reply(content="recovered"))
+    result = await make_runner(ep).run(Agent(tools=[first]), "go", limits=Limits(tool_timeout=None))
+    outputs = [m["content"] for m in ep.requests[1]["messages"] if m["role"] == "tool"]
+    assert outputs == ["Error: tool 'first' raised RuntimeError: the tool raised StopIteration"]
+    assert result.final_output == "recovered"
+
+
 # ---- the endpoint misbehaving ------------------------------------------------------------------------------
 
 
@@ -461,6 +475,19 @@ async def test_a_cancel_between_events_leaves_every_call_answered():
     assert [c["id"] for c in messages[1]["tool_calls"]] == ["c1", "c2"]
     assert [m["tool_call_id"] for m in messages[2:]] == ["c1", "c2"]
     assert all("cancelled" in m["content"] for m in messages[2:])
+
+
+@pytest.mark.timeout(30)
+async def test_a_cancel_before_the_run_started_ends_with_run_cancelled():
+    """`cancel()` right after the first `__anext__` created the producer, before its first step."""
+    ep = ScriptedEndpoint(Reply(content="never read"))
+    stream = make_runner(ep).stream(Agent(), "go")
+    first = asyncio.ensure_future(stream.__anext__())
+    await asyncio.sleep(0)  # __anext__ has scheduled the producer; the producer has not run yet
+    stream.cancel()
+    with pytest.raises(RunCancelled):
+        await asyncio.wait_for(first, 10)
+    assert ep.requests == []
 
 
 def test_a_sync_stream_left_early_does_not_go_on_in_the_next_run(caplog):
