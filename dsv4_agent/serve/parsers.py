@@ -150,7 +150,15 @@ class DSV4ReasoningDetector(BaseReasoningFormatDetector):
         return "".join(ev.text for ev in events if isinstance(ev, ReasoningDelta))
 
     def _detect_and_parse_impl(self, text: str) -> ReasoningResult:
-        result = super()._detect_and_parse_impl(text)
+        # As when streaming, a tool block at a line start ends the reasoning also when a `</think>` follows it
+        # (the base looks for one only when there is no `</think>`, and the cleaner would swallow the block).
+        tool = self._find_tool_start(text) if self._in_reasoning or THINK_OPEN in text else -1
+        end = text.find(THINK_CLOSE)
+        if tool != -1 and -1 < end and tool < end and THINK_CLOSE not in self.previous_content:
+            result = super()._detect_and_parse_impl(text[:tool])
+            result.normal_text += text[tool:]
+        else:
+            result = super()._detect_and_parse_impl(text)
         result.reasoning_text = self._clean(result.reasoning_text, final=True)
         return result
 

@@ -232,7 +232,8 @@ def test_reasoning_holds_a_cut_marker_back_until_it_is_text():
 
 
 REASONING_PIECES = [*'ab <>/|｜\n"=', "\n\n", D, "|DSML|", "｜｜DSML｜｜", f"<{D}", f"</{D}", "tool_calls>", "invoke",
-                    ' name="f">', "parameter", ' name="k" string="true">', "1", "<｜end▁of▁sentence｜>"]
+                    ' name="f">', "parameter", ' name="k" string="true">', "1", "<｜end▁of▁sentence｜>", "</think>",
+                    "<think>"]
 
 
 @settings(max_examples=200, deadline=None)
@@ -246,8 +247,10 @@ def test_reasoning_never_carries_markup(text, data):
     text = raw[:data.draw(st.integers(0, len(raw)))].decode(errors="replace")
     (reasoning, normal), streamed = _reason(text, sorted(data.draw(st.lists(st.integers(0, len(text)), max_size=8))))
     assert (reasoning, normal) == streamed
-    assert text.endswith(normal) and (not normal or normal.startswith(f"<{D}tool_calls>"))
-    assert reasoning == parse_completion(text[:len(text) - len(normal)], "thinking")["reasoning_content"]
+    head = text[:len(text) - len(normal)]
+    assert text.endswith(normal) and (not normal or normal.startswith(f"<{D}tool_calls>") or head.endswith("</think>"))
+    assert reasoning == parse_completion(head, "thinking")["reasoning_content"]
+    assert not any(marker in reasoning for marker in ("<think>", "</think>", "<｜end▁of▁sentence｜>", f"<{D}", f"</{D}"))
 
 
 def test_reasoning_drops_a_bare_invoke():
@@ -255,3 +258,12 @@ def test_reasoning_drops_a_bare_invoke():
     start is): it is swallowed, its call is not made, and no markup reaches reasoning_content."""
     text = f'Let me call.\n\n<{D}invoke name="f">\n<{D}parameter name="x" string="true">1</{D}parameter>\n</{D}invoke>\nDone.'
     assert _reason(text, [5, 30, 31]) == (("Let me call.Done.", ""),) * 2
+
+
+def test_tool_block_before_think_close_ends_reasoning_in_both_paths():
+    """A tool_calls block at a line start ends the reasoning also when a `</think>` follows it: the block (and
+    what follows) goes to the tool parser one-shot as when streaming, instead of being swallowed as reasoning."""
+    block = f'<{D}tool_calls>\n<{D}invoke name="f">\n</{D}invoke>\n</{D}tool_calls>'
+    text = f"line\n{block}\nafter</think>ans"
+    one, streamed = _reason(text, [3, 9, 40])
+    assert one == streamed == ("line\n", f"{block}\nafter</think>ans")
