@@ -260,8 +260,15 @@ class Runner:
         return SyncRunStream(self.stream(agent, input, history=history, limits=limits), loop)
 
     def close(self) -> None:
-        """Close the HTTP client and the private loop of the sync API (`with Runner(...) as runner:` does it)."""
-        if self._loop is None or self._loop.is_closed():
+        """Close the HTTP client and the private loop of the sync API (`with Runner(...) as runner:` does it).
+        Inside a running event loop use `await runner.aclose()` (`async with`)."""
+        if self._loop is None:  # the sync API was never used, but the client may hold connections
+            try:
+                asyncio.get_running_loop()
+            except RuntimeError:  # no loop running: close them on a temporary one
+                asyncio.run(self.client.close())
+            return  # inside a running loop only `await runner.aclose()` can close them
+        if self._loop.is_closed():
             return
         # Runs abandoned by a sync consumer were cancelled but never driven since: let them close their HTTP
         # streams and tool calls before the loop goes.

@@ -180,7 +180,10 @@ def _make_tool(
         # A name pydantic cannot use as a field (`_x`, or one of BaseModel's like `json`, `schema`) gets an
         # internal field name; the model still sees, sends and is told about `pname` (the alias).
         reserved = pname.startswith("_") or hasattr(pydantic.BaseModel, pname)
-        field_name = f"arg{len(fields)}_" if reserved else pname
+        field_name = pname
+        k = len(fields)
+        while reserved and (field_name := f"arg{k}_") in signature.parameters:
+            k += 1  # never a real parameter's name
         if isinstance(param.default, FieldInfo):  # `x: int = Field(3, ge=0)`: its settings, docstring text
             description = param.default.description or param_docs.get(pname)
             annotation = Annotated[param.annotation, param.default]

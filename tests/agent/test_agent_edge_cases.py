@@ -540,6 +540,23 @@ async def test_runner_as_async_context_manager_closes_its_client():
     assert runner.client.is_closed()
 
 
+async def test_a_reserved_name_never_takes_a_real_parameters_place():
+    @tool
+    def f(json: int, arg0_: str) -> str:  # `json` needs an internal field name; `arg0_` is a real parameter
+        """F."""
+        return f"{json} {arg0_}"
+
+    assert list(f.json_schema()["properties"]) == ["json", "arg0_"]
+    assert await f.invoke(f.validate('{"json": 1, "arg0_": "x"}')) == "1 x"
+
+
+def test_close_without_the_sync_api_closes_the_client():
+    runner = make_runner(ScriptedEndpoint(Reply(content="hi")))
+    assert asyncio.run(runner.run(Agent(), "hi")).final_output == "hi"
+    runner.close()
+    assert runner.client.is_closed()
+
+
 def test_run_sync_in_a_running_loop_says_what_to_do():
     async def inside() -> None:
         make_runner(ScriptedEndpoint()).run_sync(Agent(), "hi")
