@@ -232,8 +232,7 @@ def test_reasoning_holds_a_cut_marker_back_until_it_is_text():
 
 
 REASONING_PIECES = [*'ab <>/|｜\n"=', "\n\n", D, "|DSML|", "｜｜DSML｜｜", f"<{D}", f"</{D}", "tool_calls>", "invoke",
-                    ' name="f">', "parameter", ' name="k" string="true">', "1", "<｜end▁of▁sentence｜>", "</think>",
-                    "<think>"]
+                    ' name="f">', "parameter", ' name="k" string="true">', "1", "<｜end▁of▁sentence｜>"]
 
 
 @settings(max_examples=200, deadline=None)
@@ -248,7 +247,7 @@ def test_reasoning_never_carries_markup(text, data):
     (reasoning, normal), streamed = _reason(text, sorted(data.draw(st.lists(st.integers(0, len(text)), max_size=8))))
     assert (reasoning, normal) == streamed
     head = text[:len(text) - len(normal)]
-    assert text.endswith(normal) and (not normal or normal.startswith(f"<{D}tool_calls>") or head.endswith("</think>"))
+    assert text.endswith(normal) and (not normal or normal.startswith(f"<{D}tool_calls>"))
     assert reasoning == parse_completion(head, "thinking")["reasoning_content"]
     assert not any(marker in reasoning for marker in ("<think>", "</think>", "<｜end▁of▁sentence｜>", f"<{D}", f"</{D}"))
 
