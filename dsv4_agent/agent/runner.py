@@ -783,13 +783,33 @@ def _with_result(error: AgentError, state: _RunState) -> AgentError:
 _REQUEST_ERRORS = (openai.APIError, httpx.TransportError, json.JSONDecodeError, _IncompleteStream)
 
 
+# OpenAI-style string codes / types of in-band error events, by the HTTP status they stand for (first match).
+_NAMED_CODES = (
+    ("context_length", 400), ("too_long", 400), ("insufficient_quota", 403), ("rate_limit", 429),
+    ("api_key", 401), ("authentication", 401), ("permission", 403), ("not_found", 404), ("timeout", 408),
+    ("overloaded", 503), ("unavailable", 503), ("server_error", 500), ("internal", 500),
+    ("invalid", 400), ("missing", 400), ("bad_request", 400), ("badrequest", 400),
+)
+
+
 def _error_code(error: BaseException) -> int | None:
-    """The HTTP status of an error answer, or the `code` of an error event inside a stream."""
+    """The HTTP status of an error answer, or of an error event inside a stream (its numeric `code`, else
+    what its string `code` or `type` names, e.g. "context_length_exceeded" -> 400)."""
     if isinstance(error, openai.APIStatusError):
         return error.status_code
     body = getattr(error, "body", None)
-    code = body.get("code") if isinstance(body, dict) else None
-    return int(code) if isinstance(code, int | str) and str(code).isdigit() else None
+    if not isinstance(body, dict):
+        return None
+    code = body.get("code")
+    if isinstance(code, int | str) and str(code).isdigit():
+        return int(code)
+    for name in (code, body.get("type")):
+        if isinstance(name, str):
+            lowered = name.lower()
+            for part, status in _NAMED_CODES:
+                if part in lowered:
+                    return status
+    return None
 
 
 def _is_transient(error: BaseException) -> bool:
@@ -802,7 +822,10 @@ def _status_error(error: BaseException) -> AgentError:
     code = _error_code(error)
     text = str(error)
     lowered = text.lower()
-    if code == 400 and ("context length" in lowered or "maximum context" in lowered or "too long" in lowered):
+    body = getattr(error, "body", None)
+    named = str(body.get("code")).lower() if isinstance(body, dict) else ""
+    if code == 400 and ("context length" in lowered or "maximum context" in lowered or "too long" in lowered
+                        or "context_length" in named):
         return ContextWindowExceeded(f"the endpoint rejected the prompt as too long: {text}")
     if isinstance(error, openai.APIStatusError):
         request = error.response.request

@@ -303,13 +303,14 @@ async def test_a_sync_tool_raising_stop_iteration_is_an_error_not_a_hang():
 # ---- the endpoint misbehaving ------------------------------------------------------------------------------
 
 
-def in_band_error(message: str, code: int) -> dict:
-    """What SGLang (and `dsv4-agent serve`) send when a stream fails after its 200 header."""
+def in_band_error(message: str, code: int | str | None, type_: str = "InternalServerError") -> dict:
+    """What SGLang (and `dsv4-agent serve`) send when a stream fails after its 200 header; OpenAI-style
+    servers put a string code ("context_length_exceeded") or only a `type` there."""
     return {
         "error": {
             "object": "error",
             "message": message,
-            "type": "InternalServerError",
+            "type": type_,
             "param": None,
             "code": code,
         }
@@ -333,6 +334,31 @@ async def test_an_error_event_inside_the_stream_is_retried_or_typed():
     ep = ScriptedEndpoint(Raw(sse(in_band_error("the prompt is too long", 400), "[DONE]")))
     with pytest.raises(ContextWindowExceeded):
         await make_runner(ep).run(Agent(), "hi")
+
+
+@pytest.mark.parametrize(
+    ("code", "type_", "outcome"),
+    [
+        ("context_length_exceeded", "invalid_request_error", ContextWindowExceeded),
+        (None, "invalid_request_error", ModelHTTPError),
+        ("invalid_api_key", "authentication_error", ModelHTTPError),
+        ("insufficient_quota", "insufficient_quota", ModelHTTPError),
+        ("rate_limit_exceeded", "requests", "retried"),
+        ("server_error", "server_error", "retried"),
+        (None, None, "retried"),  # nothing says what failed: worth another try
+    ],
+)
+async def test_named_error_codes_inside_the_stream(code, type_, outcome):
+    """OpenAI-style string codes are classified like their HTTP statuses (they used to be retried as unknown)."""
+    failing = Raw(sse(in_band_error("it failed (a message that names no limit)", code, type_), "[DONE]"))
+    ep = ScriptedEndpoint(failing, Reply(content="fine"))
+    if outcome == "retried":
+        result = await make_runner(ep).run(Agent(), "hi")
+        assert result.final_output == "fine" and len(ep.requests) == 2
+    else:
+        with pytest.raises(outcome):
+            await make_runner(ep).run(Agent(), "hi")
+        assert len(ep.requests) == 1
 
 
 @pytest.mark.parametrize(
