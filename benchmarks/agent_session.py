@@ -17,10 +17,15 @@ outputs, a few whole files), sessions of 20-50 turns (``--turns 30``). Token cou
 model's 2048-token BPE (more tokens per word than V4's own vocabulary).
 
 The cached share of a turn is bounded by the workload: (prompt - new tokens) / prompt, since the tool result
-it appends was never seen. The report gives the aggregate over turns >= 2 and the share at each turn index.
+it appends was never seen. The report gives the aggregate over turns >= 2, the share at each turn index, and the
+share by prompt size (the way published coding-agent traces report their reuse: it grows with the context,
+since the new tokens of a turn do not), each beside its bound and as a share of the tokens the server had seen.
 
     python benchmarks/agent_session.py --launch        # both servers, one after the other, embedded tiny model
+    python benchmarks/agent_session.py --launch --turns 150 --max-positions 131072 --max-total-tokens 400000
+                                                       # long sessions: prompts grow past 100k tokens
     python benchmarks/agent_session.py --url http://127.0.0.1:30000 [--url-off http://...]
+    python benchmarks/agent_session.py --from-json run.json   # re-render an earlier run saved with --json
 
 With ``--launch`` the servers are ``dsv4-agent serve`` on the embedded tiny V4 built with ``--max-positions``
 (default 65536; the CI default model has 8192) and ``--dtype`` (default bfloat16: the released numerics and the
@@ -286,14 +291,34 @@ def by_turn(on: list[Turn], off: list[Turn] | None) -> str:
     return "\n".join(rows)
 
 
+BANDS = [(0, 5_000), (5_000, 20_000), (20_000, 50_000), (50_000, 10**9)]
+
+
+def by_context(on: list[Turn]) -> str:
+    """Turns >= 2 by prompt size: published coding-agent traces report their reuse by context size the same way
+    (RESULTS.md), since the cached share of a turn is bounded by new tokens / prompt."""
+    rows = ["| prompt tokens | turns | prompt tokens (sum) | cached share | bound (prompt-new)/prompt | "
+            "share of seen tokens cached |", "|---|---|---|---|---|---|"]
+    for lo, hi in BANDS:
+        ts = [t for t in on if t.turn > 0 and lo <= t.prompt < hi]
+        if ts:
+            total, seen = sum(t.prompt for t in ts), sum(t.prompt - t.new for t in ts)
+            band = f">= {lo // 1000}k" if hi == 10**9 else f"{lo // 1000}k-{hi // 1000}k"
+            rows.append(f"| {band} | {len(ts)} | {total} | {sum(t.cached for t in ts) / total:.2%} | "
+                        f"{seen / total:.2%} | {sum(t.cached for t in ts) / seen:.2%} |")
+    return "\n".join(rows)
+
+
 def summary(name: str, turns: list[Turn]) -> str:
     later = [t for t in turns if t.turn > 0]
     if not later:
         return f"{name}: no turns >= 2"
     hit = sum(t.cached for t in later) / sum(t.prompt for t in later)
+    seen = sum(t.prompt - t.new for t in later)
     worst = min(later, key=lambda t: t.cached / t.prompt)
     return (f"{name}: turns>=2: {len(later)}, prompt tokens {sum(t.prompt for t in later)}, cached share {hit:.2%} "
-            f"(bound {sum(t.prompt - t.new for t in later) / sum(t.prompt for t in later):.2%}; worst turn "
+            f"(bound {seen / sum(t.prompt for t in later):.2%}; of the tokens the server had seen "
+            f"{sum(t.cached for t in later) / seen:.2%}; worst turn "
             f"{worst.cached / worst.prompt:.2%}: session {worst.session} turn {worst.turn + 1}, prompt {worst.prompt}, "
             f"new {worst.new}), computed {sum(t.computed for t in later)}, recomputed tokens of previous turns "
             f"{sum(t.recomputed_prev for t in later)}, mean TTFT {statistics.mean(t.ttft for t in later):.3f} s "
@@ -333,7 +358,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-len", type=int, help="stop a session before its prompt exceeds this (default: context)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="write the markdown report here too")
+    p.add_argument("--json", help="write the per-turn records here (JSON)")
+    p.add_argument("--from-json", help="render the report of an earlier run's --json records; runs nothing")
     args = p.parse_args(argv)
+    if args.from_json:
+        saved = json.loads(Path(args.from_json).read_text())
+        off = saved["off"]
+        write_report(args.out, saved["header"], [Turn(**t) for t in saved["on"]],
+                     None if off is None else [Turn(**t) for t in off], Path(saved["model_dir"]), saved["dtype"])
+        return 0
 
     from tokenizers import Tokenizer
 
@@ -353,18 +386,28 @@ def main(argv: list[str] | None = None) -> int:
     if args.launch or args.url_off:
         off = run_against(args, [*common, "--disable-radix-cache"], args.url_off, tokenizer, args.off_sessions,
                           args.off_turns, cache=False)
+    header = (f"sessions={args.sessions} turns={args.turns} (off: {args.off_sessions} x {args.off_turns}) "
+              f"system_tokens~{args.system_tokens} results={args.result_min}-{args.result_max} (log-uniform) "
+              f"new_tokens={args.new_tokens} dtype={args.dtype} model={model_dir.name} context={context} "
+              f"wall={time.perf_counter() - t0:.0f} s")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"header": header, "model_dir": str(model_dir), "dtype": args.dtype,
+                                               "on": [vars(t) for t in on],
+                                               "off": None if off is None else [vars(t) for t in off]}))
+    write_report(args.out, header, on, off, model_dir, args.dtype)
+    return 0
+
+
+def write_report(out: str | None, header: str, on: list[Turn], off: list[Turn] | None, model_dir: Path,
+                 dtype: str) -> None:
     report = "\n".join([
-        f"sessions={args.sessions} turns={args.turns} (off: {args.off_sessions} x {args.off_turns}) "
-        f"system_tokens~{args.system_tokens} results={args.result_min}-{args.result_max} (log-uniform) "
-        f"new_tokens={args.new_tokens} dtype={args.dtype} model={model_dir.name} context={context} "
-        f"wall={time.perf_counter() - t0:.0f} s",
-        "", table(on, off), "", by_turn(on, off), "", summary("cache on", on)]
+        header, "", table(on, off), "", by_turn(on, off), "", by_context(on), "", summary("cache on", on)]
         + ([summary("cache off", off), summary("cache on, the turns replayed off", [
             t for t in on if (t.session, t.turn) in {(o.session, o.turn) for o in off}])] if off else [])
-        + [pool_bytes(model_dir, args.dtype)])
+        + [pool_bytes(model_dir, dtype)])
     print(report)
-    if args.out:
-        Path(args.out).write_text(report + "\n")
+    if out:
+        Path(out).write_text(report + "\n")
     return 0
 
 
