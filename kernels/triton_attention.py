@@ -9,7 +9,9 @@ once for all of them, FlashMLA-style. Programs: query token x head tile x key sp
   row gathers (`cp.async`) a few tiles ahead; with `resolve` each program first resolves all its
   entries' pool rows (index -> page -> row) into a small buffer, so the loop has one indirection.
 * Key splits (small batches): each split writes its partial (max, sum, acc); a second kernel merges
-  them and adds the sink.
+  them and adds the sink. It is a programmatic dependent launch (Hopper+): the split kernel lets it
+  launch as soon as all its programs started, so its programs are resident and waiting when the split
+  kernel ends (no launch gap between the two).
 * Value halves (`V_SPLITS = 2`): each program computes the full 512-dim logits but the value
   product for 256 of the 512 output dims: twice the programs without partials to merge, at the cost
   of recomputing the logits (the pair reads the same rows, mostly from L2).
@@ -28,9 +30,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .numerics import FP8_BLOCK, KV_FP8_BYTES, KV_FP8_ROPE_OFFSET, KV_FP8_SCALE_OFFSET, NOPE_DIM
-from .triton_utils import INTERPRET, dot, num_sms, round_bf16
+from .triton_utils import INTERPRET, dot, num_sms, pdl_supported, round_bf16
 
 LOG2E = 1.4426950408889634
 
@@ -203,8 +206,10 @@ def _sparse_attn_kernel(
     H, qk_scale,
     num_splits, RESOLVE: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     PARTIAL: tl.constexpr, V_SPLITS: tl.constexpr, FP8: tl.constexpr, NOPE: tl.constexpr, BLK: tl.constexpr, ROPE_OFF: tl.constexpr,
-    SCALE_OFF: tl.constexpr, ROW_FP8: tl.constexpr, INTERP: tl.constexpr,
+    SCALE_OFF: tl.constexpr, ROW_FP8: tl.constexpr, INTERP: tl.constexpr, LAUNCH_COMBINE: tl.constexpr,
 ):
+    if LAUNCH_COMBINE:  # the combine kernel may launch now (it waits for this grid's end itself)
+        gdc_launch_dependents()
     t = tl.program_id(0)
     hb = tl.program_id(1)
     split = tl.program_id(2) // V_SPLITS
@@ -231,9 +236,12 @@ def _sparse_attn_kernel(
 
 @triton.jit
 def _combine_splits_kernel(part_acc_ptr, part_ml_ptr, sink_ptr, out_ptr, stride_ot, stride_oh, H,
-                           num_splits, D: tl.constexpr, SPLITS_POW2: tl.constexpr):
+                           num_splits, D: tl.constexpr, SPLITS_POW2: tl.constexpr, WAIT: tl.constexpr):
     t = tl.program_id(0)
     h = tl.program_id(1)
+    sink = tl.load(sink_ptr + h) * 1.4426950408889634  # not written by the split kernel
+    if WAIT:  # launched early: the split kernel's partials are complete and visible after this
+        gdc_wait()
     offs_s = tl.arange(0, SPLITS_POW2)
     mask_s = offs_s < num_splits
     rows = (t.to(tl.int64) * num_splits + offs_s) * H + h  # [S]
@@ -245,7 +253,6 @@ def _combine_splits_kernel(part_acc_ptr, part_ml_ptr, sink_ptr, out_ptr, stride_
     offs_d = tl.arange(0, D)
     acc = tl.sum(tl.load(part_acc_ptr + rows[:, None] * D + offs_d[None, :], mask=mask_s[:, None], other=0.0)
                  * w[:, None], 0)
-    sink = tl.load(sink_ptr + h) * 1.4426950408889634
     o = acc / (tl.sum(l_s * w, 0) + tl.exp2(sink - m))
     tl.store(out_ptr + t.to(tl.int64) * stride_ot + h * stride_oh + offs_d, round_bf16(o).to(out_ptr.dtype.element_ty))
 
@@ -320,6 +327,7 @@ def sparse_attn_triton(
         part_ml = torch.empty(t * num_splits * h, 2, device=q.device, dtype=torch.float32)
     else:
         part_acc = part_ml = out  # unused
+    pdl = num_splits > 1 and pdl_supported(q.device)
     _sparse_attn_kernel[(t, n_hb, num_splits * v_splits)](
         q, q.stride(0), q.stride(1), sink,
         win_kv, win_kv.stride(0), win_start, win_end,
@@ -330,11 +338,11 @@ def sparse_attn_triton(
         num_splits, RESOLVE=resolve,
         D=d, BLOCK_H=block_h, BLOCK_N=cfg["block_n"], PARTIAL=num_splits > 1, V_SPLITS=v_splits, FP8=fp8,
         NOPE=NOPE_DIM, BLK=FP8_BLOCK, ROPE_OFF=KV_FP8_ROPE_OFFSET, SCALE_OFF=KV_FP8_SCALE_OFFSET,
-        ROW_FP8=KV_FP8_BYTES, INTERP=INTERPRET,
+        ROW_FP8=KV_FP8_BYTES, INTERP=INTERPRET, LAUNCH_COMBINE=pdl,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if num_splits > 1:
         _combine_splits_kernel[(t, h)](part_acc, part_ml, sink, out, out.stride(0), out.stride(1), h,
-                                       num_splits, D=d, SPLITS_POW2=triton.next_power_of_2(num_splits),
-                                       num_warps=4)
+                                       num_splits, D=d, SPLITS_POW2=triton.next_power_of_2(num_splits), WAIT=pdl,
+                                       num_warps=4, launch_pdl=pdl)
     return out

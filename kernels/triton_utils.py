@@ -37,6 +37,17 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+def pdl_supported(device: torch.device) -> bool:
+    """Programmatic dependent launch (`launch_pdl`, griddepcontrol): a CUDA device of compute capability 9+."""
+    return device.type == "cuda" and not INTERPRET and _capability(device.index if device.index is not None else
+                                                                    torch.cuda.current_device()) >= 9
+
+
+@functools.cache
+def _capability(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
+
+
 def num_sms(device: torch.device) -> int:
     """Multiprocessors of a CUDA device (4 elsewhere: the interpreter only needs a plausible grid)."""
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device()) if device.type == "cuda" else 4

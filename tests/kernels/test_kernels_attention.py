@@ -259,6 +259,32 @@ def test_decode_full_shapes_gpu(batch, fp8, config):
 
 @pytest.mark.gpu
 @requires_gpu
+@pytest.mark.parametrize("batch", [1, 64])
+def test_decode_replays_in_cuda_graph(batch):
+    """Captured once, replayed with new inputs (the combine kernel is a programmatic dependent launch on
+    Hopper: its edge to the split kernel must survive graph capture)."""
+    case = _decode_case([5000] * batch, heads=64, k=512, page_size=64, device="cuda")
+    start, end = decode_window_ranges(case["win_slot"], case["positions"])
+    q_seq = torch.arange(batch, dtype=torch.int32, device="cuda")
+
+    def attend():
+        return sparse_attn_triton(case["q"], case["sink"], case["win_ring"].flatten(0, 1), start, end, case["cmp_kv"],
+                                  case["page_table"], case["cmp_idx"], q_seq)
+
+    attend()  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = attend()
+    for _ in range(3):
+        case["q"].copy_(torch.randn_like(case["q"]))
+        case["sink"].copy_(torch.randn_like(case["sink"]))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert rel_err(out, _decode_ref(case)) < TOL
+
+
+@pytest.mark.gpu
+@requires_gpu
 def test_extend_full_shapes_gpu():
     case = _extend_case([300, 77], [0, 127], heads=64, k=512, page_size=64, device="cuda")
     ref = _extend_ref(case)
