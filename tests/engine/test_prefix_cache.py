@@ -44,11 +44,18 @@ def servers():
     off.stop()
 
 
-def generate(server: ServerProcess, ids: list[int], n: int = NEW) -> tuple[list[int], int]:
+def call(server: ServerProcess, ids: list[int], max_new: int = NEW, **params) -> dict:
+    """/generate (greedy); ``params`` go into sampling_params, except the request-level keys."""
+    request = {k: params.pop(k) for k in ("return_logprob", "top_logprobs_num", "cache_salt") if k in params}
     r = httpx.post(server.base_url + "/generate", timeout=300, json={
-        "input_ids": ids, "sampling_params": {"temperature": 0, "max_new_tokens": n, "ignore_eos": True}})
+        "input_ids": ids, **request,
+        "sampling_params": {"temperature": 0, "max_new_tokens": max_new, "ignore_eos": True, **params}})
     r.raise_for_status()
-    body = r.json()
+    return r.json()
+
+
+def generate(server: ServerProcess, ids: list[int], n: int = NEW) -> tuple[list[int], int]:
+    body = call(server, ids, n)
     return body["output_ids"], body["meta_info"]["cached_tokens"]
 
 
@@ -255,3 +262,201 @@ def test_chat_echoed_tool_call_with_reserialised_arguments(servers):
     second_off, _ = chat(off, messages, max_tokens=8)
     assert second_off["prompt_token_ids"] == second["prompt_token_ids"]
     assert second_off["response_token_ids"] == second["response_token_ids"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Adversarial cases: the same contract (cache on == cache off, token for token) where clients and the
+# scheduler do awkward things. References from `off` run concurrently (it has no state to disturb).
+# ---------------------------------------------------------------------------------------------------------
+def concurrently(server: ServerProcess, prompts: list[list[int]], max_new: int = NEW, **params) -> list[dict]:
+    with cf.ThreadPoolExecutor(len(prompts)) as ex:
+        return list(ex.map(lambda ids: call(server, ids, max_new, **params), prompts))
+
+
+def outputs(results) -> list[list[int]]:
+    return [r["output_ids"] for r in results]
+
+
+def cached_tokens(result: dict) -> int:
+    return result["meta_info"]["cached_tokens"]
+
+
+def tokens(seed: int, n: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(2, 2000) for _ in range(n)]
+
+
+def test_edited_truncated_or_repeated_history(servers):
+    """An agent edits or drops its last message, re-sends a strict prefix, or repeats a turn exactly: every
+    match ends inside a cached sequence at a point not aligned to 4 or 128. The cache resumes only from a
+    state at or below the match (never from a finish state whose incomplete page disagrees) and recomputes
+    the rest, so outputs equal the uncached server's."""
+    on, off = servers
+    prompt = tokens(101, 301)
+    first = call(on, prompt)
+    out = first["output_ids"]
+    end = len(prompt) + NEW - 1  # the finish state's position: the last generated token was never fed
+    variants = [
+        prompt[:290] + tokens(102, 7),  # the last message edited inside the last page (at 290)
+        prompt + out[:3] + tokens(103, 5),  # the reply cut after 3 tokens, then a new message
+        prompt[:251],  # a strict prefix ending inside the second page
+        prompt[:130] + tokens(104, 5),  # diverges inside the second page (at 130)
+        prompt,  # the same turn again: a match must leave >= 1 token to compute
+        prompt + out[:-1],  # exactly prompt + completion: the finish state at `end` is one token too deep
+        prompt + out + tokens(105, 2),  # the agent's next turn: resumes at exactly `end`
+    ]
+    got = [call(on, ids, 4) for ids in variants]
+    assert outputs(got) == outputs(concurrently(off, variants, 4))
+    # the prompt's last page boundary (a kept state) for the edits; the same turn again also resumes there
+    # and leaves its own finish state at len(prompt) + 3, which the next variant (a prefix of it) resumes from
+    assert [cached_tokens(r) for r in got[:2]] + [cached_tokens(got[4])] == [256, 256, 256]
+    assert cached_tokens(got[5]) == len(prompt) + 3
+    assert cached_tokens(got[-1]) == end
+
+
+def test_overlapping_requests_while_one_runs(servers):
+    """Requests sharing a prefix with a request that is still decoding match its freshly inserted pages and
+    states; identical extensions of one finished turn race for its incomplete page (one claims it, the others
+    resume from a shallower state). Nothing a running request owns is read or freed under it."""
+    on, off = servers
+    prompt = tokens(111, 260)
+    others = [prompt + tokens(112, 3), prompt, prompt[:200] + tokens(113, 1)]
+    chunks, pending = [], None
+    with cf.ThreadPoolExecutor(1) as ex, httpx.stream("POST", on.base_url + "/generate", timeout=300, json={
+            "input_ids": prompt, "stream": True,
+            "sampling_params": {"temperature": 0, "max_new_tokens": 16, "ignore_eos": True}}) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                chunks.append(json.loads(line[6:]))
+                if pending is None:  # its prefill is done and it decodes: the others arrive now
+                    pending = ex.submit(concurrently, on, others, 4)
+        during = pending.result()
+    first_out = chunks[-1]["output_ids"]
+    assert first_out == call(off, prompt, 16)["output_ids"]
+    assert outputs(during) == outputs(concurrently(off, others, 4))
+    assert cached_tokens(during[0]) == cached_tokens(during[1]) == 256  # its prompt-boundary state, kept while it runs
+
+    turn = prompt + first_out + tokens(114, 4)
+    end = len(prompt) + 16 - 1
+    got = concurrently(on, [turn] * 2, 4)
+    assert outputs(got) == outputs(concurrently(off, [turn], 4)) * 2
+    # one claims the incomplete page at `end`; the other resumes from a shallower state (the prompt's
+    # boundary, or the finish state of the identical prompt sent above, which is a prefix of this turn)
+    hits = sorted(cached_tokens(r) for r in got)
+    assert 256 <= hits[0] < hits[1] == end, hits
+
+
+def test_aborted_requests_then_resent(servers):
+    """A request aborted mid-decode (explicitly, as SGLang does when a streaming client disconnects) and a
+    client that just drops its stream; the same prompt and extensions of what was generated come next."""
+    on, off = servers
+    prompt = tokens(121, 150)
+    ref = call(off, prompt, 24)["output_ids"]
+    got = []
+    with httpx.stream("POST", on.base_url + "/generate", timeout=300, json={
+            "input_ids": prompt, "stream": True, "rid": "v4tail-abort-1",
+            "sampling_params": {"temperature": 0, "max_new_tokens": 24, "ignore_eos": True}}) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                got.append(json.loads(line[6:]))
+                if len(got) == 3:
+                    httpx.post(on.base_url + "/abort_request", json={"rid": "v4tail-abort-1"}, timeout=30)
+                    break
+    assert got[-1]["output_ids"] == ref[:len(got[-1]["output_ids"])]
+    other = tokens(122, 140)
+    with httpx.stream("POST", on.base_url + "/generate", timeout=300, json={
+            "input_ids": other, "stream": True,
+            "sampling_params": {"temperature": 0, "max_new_tokens": 24, "ignore_eos": True}}) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                break  # the client goes away after the first chunk
+    prompts = [prompt + ref + tokens(123, 2), prompt, prompt + ref[:2] + tokens(124, 2),
+               other, other + tokens(125, 3)]
+    results = [call(on, ids, 4) for ids in prompts]
+    assert outputs(results) == outputs(concurrently(off, prompts, 4))
+    # the aborted request left its exact state where it stopped: the extension resumes past the prompt
+    assert len(prompt) < cached_tokens(results[0]) < len(prompt) + 24
+
+
+def test_parallel_sampling_on_cached_prefix(servers):
+    """``n`` > 1 (SGLang first prefills the prompt alone, then runs the copies): every copy equals the
+    uncached server's, on a fresh prompt and on an extension of a cached turn."""
+    on, off = servers
+    prompt = tokens(131, 170)
+    a, b = call(on, prompt, 6, n=3), call(off, prompt, 6, n=3)
+    assert outputs(a) == outputs(b) and len({tuple(o) for o in outputs(a)}) == 1
+    turn = prompt + a[0]["output_ids"] + tokens(132, 3)
+    a, b = call(on, turn, 6, n=2), call(off, turn, 6, n=2)
+    assert outputs(a) == outputs(b)
+    assert all(cached_tokens(r) >= 128 for r in a)
+
+
+def test_stop_token_and_stop_string_then_next_turn(servers):
+    """A turn that ends on a stop token or a stop string (not max_tokens) leaves its state after the last
+    token it fed; the next turn, which carries the stop token / the text's tokens, resumes there exactly."""
+    on, off = servers
+    for seed, stop in ((141, "token"), (142, "string")):
+        prompt = tokens(seed, 170)
+        ref = call(off, prompt, 12)
+        if stop == "token":
+            params = {"stop_token_ids": [ref["output_ids"][4]], "ignore_eos": False}
+        else:
+            text = ref["text"]  # a plain word-like piece from its second half (not a partial UTF-8 character)
+            piece = next(text[i:i + 3] for i in range(len(text) // 2, len(text) - 2) if text[i:i + 3].isalnum()
+                         and text[i:i + 3].isascii())
+            params = {"stop": [piece], "ignore_eos": False}
+        a, b = call(on, prompt, 12, **params), call(off, prompt, 12, **params)
+        assert a["output_ids"] == b["output_ids"] and a["meta_info"]["finish_reason"]["type"] == "stop", stop
+        turn = prompt + a["output_ids"] + tokens(seed + 100, 4)
+        a2, b2 = call(on, turn, 4), call(off, turn, 4)
+        assert a2["output_ids"] == b2["output_ids"], stop
+        assert cached_tokens(a2) == len(prompt) + len(a["output_ids"]) - 1, stop  # the stop token was never fed
+
+
+def test_one_token_window_and_page_length_prompts(servers):
+    """Prompts of one token, of the window (16), of exactly one page (128) and of 125 tokens whose turn ends
+    exactly on a page boundary (125 + 4 generated: a state at 128, no incomplete page); then their next turns.
+    States also keep to their namespace (cache_salt), including those of prompts below one page."""
+    on, off = servers
+    firsts = [[77], tokens(151, 16), tokens(152, 128), tokens(153, 125)]
+    got = [call(on, ids, 4) for ids in firsts]
+    turns = [ids + r["output_ids"] + [5] for ids, r in zip(firsts, got, strict=True)]
+    got_next = [call(on, ids, 3) for ids in turns]
+    assert outputs(got) == outputs(concurrently(off, firsts, 4))
+    assert outputs(got_next) == outputs(concurrently(off, turns, 3))
+    assert [cached_tokens(r) for r in got_next] == [1 + 3, 16 + 3, 128 + 3, 128]
+
+    prompt = tokens(154, 60)
+    first = call(on, prompt, 4, cache_salt="alice")
+    turn = prompt + first["output_ids"] + [9]
+    assert [cached_tokens(call(on, turn, 2, cache_salt=s)) for s in ("bob", None, "alice")] == [0, 0, 60 + 3]
+
+
+def test_logprobs_on_cached_prefix(servers):
+    """return_logprob: the resumed request's output logprobs equal the uncached server's (fp32, up to
+    summation order) and the request still resumes at the previous turn's end."""
+    on, off = servers
+    prompt = tokens(161, 150)
+    first = call(on, prompt, 5)
+    turn = prompt + first["output_ids"] + tokens(162, 3)
+    a = call(on, turn, 5, return_logprob=True, top_logprobs_num=3)
+    b = call(off, turn, 5, return_logprob=True, top_logprobs_num=3)
+    assert a["output_ids"] == b["output_ids"] and cached_tokens(a) == len(prompt) + 4
+    la, lb = a["meta_info"]["output_token_logprobs"], b["meta_info"]["output_token_logprobs"]
+    assert [t[1] for t in la] == [t[1] for t in lb]
+    assert max(abs(x[0] - y[0]) for x, y in zip(la, lb, strict=True)) < 1e-4
+    ta, tb = a["meta_info"]["output_top_logprobs"], b["meta_info"]["output_top_logprobs"]
+    assert [[t[1] for t in step] for step in ta] == [[t[1] for t in step] for step in tb]
+
+
+def test_one_request_evicts_everything_while_another_runs(servers):
+    """A single prompt that needs most of the pool (16 pages) arrives while a session turn decodes: it evicts
+    every other page and state it can, never the running turn's, and both come out exact; the session then
+    continues exactly (from whatever the eviction left)."""
+    on, off = servers
+    turn, big = tokens(171, 300), tokens(172, 1500)  # 3 + 12 pages: all 16 in use at once
+    got = concurrently(on, [turn, big], 12)
+    assert outputs(got) == outputs(concurrently(off, [turn, big], 12))
+    nxt = turn + got[0]["output_ids"] + tokens(173, 2)
+    assert call(on, nxt, 4)["output_ids"] == call(off, nxt, 4)["output_ids"]
+    assert "memory leak" not in on.log_path.read_text(errors="replace")
