@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from .numerics import FP4_BLOCK, FP8_BLOCK, KV_FP8_ROPE_OFFSET, KV_FP8_SCALE_OFFSET, hadamard_matrix
-from .triton_utils import INTERPRET, dot, num_sms, round_bf16
+from .triton_utils import INTERPRET, arrive, dot, num_sms, round_bf16
 
 
 @triton.jit
@@ -115,10 +115,7 @@ def _compress_entry_kernel(
             # each slice stores its channels; the program finishing the entry last post-processes it
             entry = b.to(tl.int64) * tl.num_programs(1) + tl.program_id(1)
             tl.store(pooled_ptr + entry * C + cs, x)
-            # a scalar atomic is issued by one thread, so the barrier orders every thread's stores before its
-            # release; acq_rel then lets the last slice see the other slices' stores
-            tl.debug_barrier()
-            done = tl.atomic_add(count_ptr + entry, 1, sem="acq_rel", scope="gpu") == SPLIT - 1
+            done = arrive(count_ptr + entry) == SPLIT - 1  # the last slice sees the other slices' stores
             x = tl.load(pooled_ptr + entry * C + ch, mask=done & (ch >= 0), other=0.0, cache_modifier=".cg")
         else:
             done = True

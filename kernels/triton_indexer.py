@@ -11,8 +11,10 @@ launches over the same grid (a few thousand scores per program):
 3. scores above the k-th key's top 16 bits go straight to the output (one atomic slot/candidate counter),
    those equal to them to a short candidate list; the program that finishes last (per row) picks the rest
    of that list by pairwise rank when it is short (exact ties: smaller index first), else by digits 3-4
-   (in registers when the list fits one tile, streamed otherwise; exact ties in list order), and pads
-   with -1.
+   (in registers when the list fits one tile, streamed otherwise; exact ties in list order), pads
+   with -1 and zeroes the row's workspace for the next call (a persistent one: no memset launch).
+On Hopper+ launches 2 and 3 are programmatic dependent launches: each kernel lets the next one launch
+when all its programs started; the next loads its scores, then waits for the previous grid's end.
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .numerics import FP4_BLOCK
-from .triton_utils import INTERPRET, dot, round_bf16
+from .triton_utils import INTERPRET, arrive, dot, pdl_supported, round_bf16, zeroed_workspace
 
 # Radix select in 8-bit digits, most significant first (Triton's histogram costs ~bins/32 operations per
 # element and thread, so digits stay small): digit 1 over all scores, digit 2 over those that tie on
@@ -123,8 +126,10 @@ def _ordered_key(x):
 
 @triton.jit
 def _topk_hist_kernel(scores_ptr, stride_s, n_avail_ptr, n_cols, work_ptr, stride_w,
-                      CHUNK: tl.constexpr, NBINS: tl.constexpr):
+                      CHUNK: tl.constexpr, NBINS: tl.constexpr, PDL: tl.constexpr):
     """work[row, 0:NBINS] += histogram of digit 1 (the top 8 bits of the ordered key)."""
+    if PDL:
+        gdc_launch_dependents()
     row = tl.program_id(0)
     offs = tl.program_id(1) * CHUNK + tl.arange(0, CHUNK)
     n = tl.minimum(tl.load(n_avail_ptr + row), n_cols)
@@ -147,17 +152,22 @@ def _threshold(hist, need, NBINS: tl.constexpr):
 
 @triton.jit
 def _topk_digit2_kernel(scores_ptr, stride_s, n_avail_ptr, n_cols, k, work_ptr, stride_w,
-                        CHUNK: tl.constexpr, NBINS: tl.constexpr):
+                        CHUNK: tl.constexpr, NBINS: tl.constexpr, PDL: tl.constexpr):
     """work[row, NBINS:2*NBINS] += histogram of digit 2 of the scores whose digit 1 is the threshold."""
+    if PDL:
+        gdc_launch_dependents()
     row = tl.program_id(0)
     row64 = row.to(tl.int64)
     offs = tl.program_id(1) * CHUNK + tl.arange(0, CHUNK)
     n = tl.maximum(tl.minimum(tl.load(n_avail_ptr + row), n_cols), 0)
-    if (tl.program_id(1) * CHUNK < n) & (n > k):  # n <= k: everything available is selected
+    active = (tl.program_id(1) * CHUNK < n) & (n > k)  # n <= k: everything available is selected
+    valid = (offs < n) & active
+    key = _ordered_key(tl.load(scores_ptr + row64 * stride_s + offs, mask=valid, other=0.0))
+    if PDL:  # every program (the next kernel's wait covers the hist kernel through ours): histogram 1 done
+        gdc_wait()
+    if active:
         w_row = work_ptr + row64 * stride_w
         thr1, _ = _threshold(tl.load(w_row + tl.arange(0, NBINS)), k, NBINS)
-        valid = offs < n
-        key = _ordered_key(tl.load(scores_ptr + row64 * stride_s + offs, mask=valid, other=0.0))
         cand = valid & ((key >> 24).to(tl.int32) == thr1)
         if tl.sum(cand.to(tl.int32), 0) > 0:
             h2 = tl.histogram(((key >> 16) & (NBINS - 1)).to(tl.int32), NBINS, mask=cand)
@@ -178,10 +188,11 @@ def _key_prefix16(w_row, kk, NBINS: tl.constexpr):
 @triton.jit
 def _topk_emit_kernel(scores_ptr, stride_s, n_avail_ptr, n_cols, k, work_ptr, stride_w,
                       out_ptr, stride_o, cand_idx_ptr, cand_key_ptr, stride_c,
-                      CHUNK: tl.constexpr, BLOCK: tl.constexpr, RANK_BLOCK: tl.constexpr, NBINS: tl.constexpr):
+                      CHUNK: tl.constexpr, BLOCK: tl.constexpr, RANK_BLOCK: tl.constexpr, NBINS: tl.constexpr,
+                      PDL: tl.constexpr):
     """Every program: the scores whose top 16 key bits exceed those of the k-th key go to the output,
     those equal to them to the candidate list. The program that finishes last (per row) then selects
-    the rest from that short list and pads with -1."""
+    the rest from that short list, pads with -1 and zeroes the row's workspace."""
     row = tl.program_id(0)
     row64 = row.to(tl.int64)
     offs = tl.program_id(1) * CHUNK + tl.arange(0, CHUNK)
@@ -193,11 +204,13 @@ def _topk_emit_kernel(scores_ptr, stride_s, n_avail_ptr, n_cols, k, work_ptr, st
     out_row = out_ptr + row64 * stride_o
     cbase = row64 * stride_c
     valid = offs < n
+    key = _ordered_key(tl.load(scores_ptr + row64 * stride_s + offs, mask=valid & (n > k), other=0.0))
+    if PDL:  # both histograms done
+        gdc_wait()
     if n <= k:  # all available entries, in place
         tl.store(out_row + offs, offs, mask=valid)
     elif tl.program_id(1) * CHUNK < n:
         prefix, _, _ = _key_prefix16(w_row, kk, NBINS)
-        key = _ordered_key(tl.load(scores_ptr + row64 * stride_s + offs, mask=valid, other=0.0))
         sel = valid & ((key >> 16) > prefix)
         cand = valid & ((key >> 16) == prefix)
         n_sel = tl.sum(sel.to(tl.int32), 0)
@@ -208,10 +221,8 @@ def _topk_emit_kernel(scores_ptr, stride_s, n_avail_ptr, n_cols, k, work_ptr, st
             cpos = cbase + (base & 0xFFFFFFFF) + tl.cumsum(cand.to(tl.int32), 0) - 1
             tl.store(cand_idx_ptr + cpos, offs, mask=cand)
             tl.store(cand_key_ptr + cpos, key.to(tl.int32, bitcast=True), mask=cand)
-    # release this program's stores; the last one to arrive acquires everybody's. A scalar atomic is issued by
-    # one thread, so its release covers only that thread's stores: the barrier orders every thread's first.
-    tl.debug_barrier()
-    if tl.atomic_add(w_row + 2 * NBINS + 2, 1, sem="acq_rel", scope="gpu") == tl.num_programs(1) - 1:
+    # the last program to arrive sees everybody's stores
+    if arrive(w_row + 2 * NBINS + 2) == tl.num_programs(1) - 1:
         if n > k:
             prefix, pos, n2 = _key_prefix16(w_row, kk, NBINS)
             if n2 <= RANK_BLOCK:
@@ -222,6 +233,10 @@ def _topk_emit_kernel(scores_ptr, stride_s, n_avail_ptr, n_cols, k, work_ptr, st
         lane = tl.arange(0, BLOCK)
         for c0 in range(kk, k, BLOCK):
             tl.store(out_row + c0 + lane, tl.full([BLOCK], -1, tl.int32), mask=c0 + lane < k)
+        # every other program is done with the row's workspace, and so are our threads after the barrier
+        tl.debug_barrier()
+        tl.store(w_row + tl.arange(0, 2 * NBINS), tl.zeros([2 * NBINS], tl.int32))
+        tl.store(w_row + 2 * NBINS + tl.arange(0, 4), tl.zeros([4], tl.int32))
 
 
 @triton.jit
@@ -308,15 +323,21 @@ def topk_indices_triton(scores: torch.Tensor, n_avail: torch.Tensor, k: int, *, 
     if n >= 1 << 31:
         raise ValueError(f"scores: at most 2**31 - 1 columns, got {n}")
     # per row: digit-1 and digit-2 histograms, then counters: output slots | candidates (one int64),
-    # finished programs, pad (rows stay 8-byte aligned)
-    work = torch.zeros(t, 2 * NBINS + 4, device=scores.device, dtype=torch.int32)
+    # finished programs, pad (rows stay 8-byte aligned); zero before and after the call
+    work = zeroed_workspace(scores.device, t * (2 * NBINS + 4)).view(t, 2 * NBINS + 4)
+    pdl = pdl_supported(scores.device)
     cand_idx = torch.empty(t, max(n, 1), device=scores.device, dtype=torch.int32)
     cand_key = torch.empty_like(cand_idx)
     grid = (t, max(1, triton.cdiv(n, chunk)))
     common = (scores, scores.stride(0), n_avail, n)
-    _topk_hist_kernel[grid](*common, work, work.stride(0), CHUNK=chunk, NBINS=NBINS, num_warps=num_warps)
-    _topk_digit2_kernel[grid](*common, k, work, work.stride(0), CHUNK=chunk, NBINS=NBINS, num_warps=num_warps)
-    _topk_emit_kernel[grid](*common, k, work, work.stride(0), out, out.stride(0), cand_idx, cand_key,
-                            cand_idx.stride(0), CHUNK=chunk, BLOCK=block, RANK_BLOCK=rank_block, NBINS=NBINS,
-                            num_warps=num_warps)
+    try:
+        _topk_hist_kernel[grid](*common, work, work.stride(0), CHUNK=chunk, NBINS=NBINS, PDL=pdl, num_warps=num_warps)
+        _topk_digit2_kernel[grid](*common, k, work, work.stride(0), CHUNK=chunk, NBINS=NBINS, PDL=pdl,
+                                  num_warps=num_warps, launch_pdl=pdl)
+        _topk_emit_kernel[grid](*common, k, work, work.stride(0), out, out.stride(0), cand_idx, cand_key,
+                                cand_idx.stride(0), CHUNK=chunk, BLOCK=block, RANK_BLOCK=rank_block, NBINS=NBINS,
+                                PDL=pdl, num_warps=num_warps, launch_pdl=pdl)
+    except Exception:  # (e.g. a config that does not compile) the emit kernel would have zeroed the workspace
+        work.zero_()
+        raise
     return out

@@ -51,3 +51,34 @@ def _capability(index: int) -> int:
 def num_sms(device: torch.device) -> int:
     """Multiprocessors of a CUDA device (4 elsewhere: the interpreter only needs a plausible grid)."""
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device()) if device.type == "cuda" else 4
+
+
+@triton.jit
+def arrive(counter_ptr):
+    """Count this program in at `counter_ptr` after all its stores; returns the count before (its ticket: the
+    program that gets n - 1 of n arrives last and, through the acq_rel, sees every other program's stores).
+    A scalar atomic is issued by one thread, so its release covers only that thread's stores: the barrier
+    orders every thread's first."""
+    tl.debug_barrier()
+    return tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
+
+
+# per device: int32 workspaces at zero between launches (each kernel using one zeroes what it used)
+_WORKSPACES: dict[torch.device, list[torch.Tensor]] = {}
+
+
+def zeroed_workspace(device: torch.device, n: int) -> torch.Tensor:
+    """n int32 words at zero for kernels that leave them at zero, so a launch (or a CUDA graph replay) needs
+    no memset: persistent per device, so launches sharing it must not overlap (one stream per device). While
+    a CUDA graph is being captured before the device's first large-enough workspace exists, a fresh zeroed
+    one (its zero fill is captured)."""
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    kept = _WORKSPACES.setdefault(device, [])
+    if not kept or kept[-1].numel() < n:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return torch.zeros(n, device=device, dtype=torch.int32)
+        # older workspaces stay alive: graphs captured with them keep replaying
+        kept.append(torch.zeros(max(n, 1 << 16, 2 * kept[-1].numel() if kept else 0), device=device,
+                                dtype=torch.int32))
+    return kept[-1][:n]
