@@ -349,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-total-tokens", type=int, default=131072, help="with --launch: KV pool size in tokens")
     p.add_argument("--sessions", type=int, default=3, help="sessions run interleaved (cache on)")
     p.add_argument("--turns", type=int, default=30, help="turns per session (agent sessions: 20-50)")
-    p.add_argument("--off-sessions", type=int, default=1, help="sessions replayed with the cache off")
+    p.add_argument("--off-sessions", type=int, default=1, help="sessions replayed with the cache off (0: none)")
     p.add_argument("--off-turns", type=int, default=10, help="turns replayed with the cache off")
     p.add_argument("--system-tokens", type=int, default=4000, help="system prompt + tool schemas, in tokens")
     p.add_argument("--new-tokens", type=int, default=48, help="tokens generated per assistant turn (a tool call)")
@@ -383,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     on = run_against(args, common, args.url, tokenizer, args.sessions, args.turns, cache=True)
     off = None
-    if args.launch or args.url_off:
+    if (args.launch or args.url_off) and args.off_sessions > 0 and args.off_turns > 0:
         off = run_against(args, [*common, "--disable-radix-cache"], args.url_off, tokenizer, args.off_sessions,
                           args.off_turns, cache=False)
     header = (f"sessions={args.sessions} turns={args.turns} (off: {args.off_sessions} x {args.off_turns}) "

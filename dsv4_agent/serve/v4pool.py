@@ -262,18 +262,54 @@ class V4KVPool(KVCache):
 # Pool sizing: per-token cost = page bytes per token; bias = request tails + resume states
 # ---------------------------------------------------------------------------------------------------------
 class V4PoolConfigurator(MemoryPoolConfigurator):
-    """Sizes the pool by our real per-token cost instead of an uncompressed per-token KV."""
+    """Sizes the pool by our real per-token cost instead of an uncompressed per-token KV.
 
-    def __init__(self, cfg: DeepSeekV4Config, packed: bool, fixed_bytes: int):
+    The tails of running requests and of resume states (``tail_bytes`` each: V4-Flash 24 MiB, about 7k
+    tokens of pages) come out of the same budget. SGLang resolves ``max_running_requests`` only after the
+    pages are sized (unless the user gave it: its default is >= 2048), so the pages leave room for
+    ``requested`` running requests, within ``TAIL_SHARE`` of the budget, and
+    :meth:`finalize_with_max_running_requests` lowers the running limit to what that room holds.
+    """
+
+    TAIL_SHARE = 0.25
+
+    def __init__(self, cfg: DeepSeekV4Config, packed: bool, tail: int, requested: int | None = None):
         self.cell = page_bytes_per_token(cfg, packed)
-        self.fixed_bytes = fixed_bytes
+        self.tail = tail
+        self.requested = requested
+        self.budget: int | None = None
+
+    def tails_bytes(self, running: int) -> int:
+        return (running + resume_state_cap(running)) * self.tail
+
+    def running_within(self, room: float) -> int:
+        """The most running requests whose tails and resume states fit in ``room`` bytes (at least 1)."""
+        lo, hi = 1, 1 << 20
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if self.tails_bytes(mid) <= room else (lo, mid - 1)
+        return lo
 
     def calculate_pool_sizes(self, available_bytes: int, page_size: int) -> MemoryPoolConfig:
-        tokens = int(max(available_bytes - self.fixed_bytes, 0) // self.cell)
+        self.budget = available_bytes
+        running = min(self.requested or 1 << 20, self.running_within(available_bytes * self.TAIL_SHARE))
+        tokens = int(max(available_bytes - self.tails_bytes(running), 0) // self.cell)
         return MemoryPoolConfig(max_total_num_tokens=tokens // page_size * page_size)
 
     def calculate_pool_sizes_from_max_tokens(self, max_total_num_tokens: int, page_size: int) -> MemoryPoolConfig:
         return MemoryPoolConfig(max_total_num_tokens=max_total_num_tokens // page_size * page_size)
+
+    def finalize_with_max_running_requests(self, config: MemoryPoolConfig) -> MemoryPoolConfig:
+        if self.budget is None or config.max_running_requests is None:
+            return config
+        fit = self.running_within(self.budget - config.max_total_num_tokens * self.cell)
+        if config.max_running_requests > fit:
+            (log.warning if self.requested else log.info)(
+                "max_running_requests %d -> %d: the tails of running requests and resume states "
+                "(%.2f MiB each) must fit beside %d tokens of pages", config.max_running_requests, fit,
+                self.tail / 2**20, config.max_total_num_tokens)
+            config.max_running_requests = fit
+        return config
 
 
 def is_ours(hf_config) -> bool:
@@ -295,9 +331,8 @@ def hook_pool_configurator(original: Callable, kvc, *args, **kwargs):
     cfg = config_of(kvc.model_config.hf_config)
     from sglang.srt.runtime_context import get_schedule
 
-    running = get_schedule().max_running_requests or 16
-    fixed = (running + resume_state_cap(running)) * tail_bytes(cfg)
-    return V4PoolConfigurator(cfg, uses_packed_pages(kvc.model_config.dtype), fixed)
+    return V4PoolConfigurator(cfg, uses_packed_pages(kvc.model_config.dtype), tail_bytes(cfg),
+                              get_schedule().max_running_requests)
 
 
 def resume_state_cap(max_running_requests: int) -> int:

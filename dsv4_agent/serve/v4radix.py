@@ -13,13 +13,15 @@ therefore only resumes where it holds a :class:`ResumeState`:
   request that matches such a state claims it (the page moves into its row, as in notes section 7's
   experiment); later ones fall back to shallower states;
 * **page-aligned states** (``L = P``), shareable by any number of requests (the tail is copied): at the
-  last page boundary of every prompt (a client that re-sends an altered completion resumes there), at
+  last page boundary of every prompt (a client that re-sends an altered completion resumes there; for a
+  prompt of whole pages also one page below, where the same prompt sent again resumes), at
   branch points (a match found pages beyond its deepest state, so the request snapshots where the pages
   end) and every ``DSV4_AGENT_RESUME_EVERY_PAGES`` pages of a prefill (default 16 = 2048 tokens; 0 = off;
   the knob trades ``tail_bytes`` per state for recompute).
 
 A match reports the deepest state at or below the tree match whose tokens agree with the prompt; the rest is
-recomputed. Resume states are bounded (``DSV4_AGENT_MAX_RESUME_STATES``) and evicted LRU; their
+recomputed. Resume states are bounded (``DSV4_AGENT_MAX_RESUME_STATES``) and evicted LRU, page-aligned
+snapshots before finish states (the states the sessions' next turns resume from); their
 incomplete pages count as evictable tokens, so SGLang's accounting and leak check stay exact. A state is
 dropped with its node, so a stale state is never read; a claimed page belongs to its request only.
 """
@@ -52,6 +54,7 @@ class ResumeRecord:
     namespace: tuple = (None, None)  # (extra_key, cache_salt): the root node is shared by all namespaces
     locs: torch.Tensor | None = None  # their SGLang locs (the page the record owns)
     reserved_by: str | None = None
+    finish: bool = False  # left by a finished request: where its session's next turn resumes
     dropped: bool = field(default=False, repr=False)
 
     @property
@@ -145,16 +148,19 @@ class V4TailRadixCache(RadixCache):
         if row not in self.pool.snapshot_requests:  # a new row: where its prefill leaves resume states
             n = len(req.origin_input_ids)
             points = set(range(self.every, n, self.every)) if self.every else set()
-            points.add(n - n % self.page_size)  # the prompt's last page boundary (a client may alter the reply)
+            last = n - n % self.page_size
+            points.add(last)  # the prompt's last page boundary (a client may alter the reply)
+            if last == n:  # the same prompt again matches at most n - 1 tokens: SGLang computes at least one
+                points.add(n - self.page_size)
             if req.rid in self.branch:
                 points.add(self.branch.pop(req.rid))
             self.pool.snapshot_requests[row] = {b for b in points if b > req.prefix_len}
             tree_pages, resumed = self.hits.pop(req.rid, (0, 0))
             recomputed = max(0, tree_pages - resumed)
             self.recomputed_tokens += recomputed
-            log.info("v4tail: rid=%s prompt=%d cached=%d tree_pages=%d recomputed_cached=%d computed=%d",
-                     req.rid, len(req.origin_input_ids), req.prefix_len, tree_pages, recomputed,
-                     len(req.origin_input_ids) - req.prefix_len)
+            log.info("v4tail: rid=%s prompt=%d cached=%d tree_pages=%d recomputed_cached=%d computed=%d "
+                     "(recomputed_cached since start %d)", req.rid, len(req.origin_input_ids), req.prefix_len,
+                     tree_pages, recomputed, len(req.origin_input_ids) - req.prefix_len, self.recomputed_tokens)
 
     # ---- inserting ----------------------------------------------------------------------------------
     def checkpoint(self, req, *, up_to: int):
@@ -189,26 +195,28 @@ class V4TailRadixCache(RadixCache):
         aligned = req.kv.cache_protected_len  # the checkpoint inserted exactly the complete pages
         node = req.last_node
         if up_to == aligned:
-            self._add(ResumeRecord(up_to, tail, node))
+            self._add(ResumeRecord(up_to, tail, node, finish=True))
             return
         locs = self.req_to_token_pool.req_to_token[row, aligned:up_to].to(torch.int64).clone()
         req.kv.cache_protected_len = up_to  # the page now belongs to the record: release frees none of it
         self.evictable_size_ += self.page_size
         self._add(ResumeRecord(up_to, tail, node, tokens=tuple(ids[aligned:up_to]), locs=locs,
-                               namespace=(req.extra_key, req.cache_salt or None)))
+                               namespace=(req.extra_key, req.cache_salt or None), finish=True))
 
     # ---- bookkeeping --------------------------------------------------------------------------------
     def _add(self, rec: ResumeRecord) -> None:
         records = _records(rec.node)
-        for old in [r for r in records if r.length == rec.length and r.reserved_by is None]:
-            self._drop(old)  # a newer state at the same point replaces an unclaimed one
+        for old in [r for r in records if r.length == rec.length and r.tokens == rec.tokens
+                    and r.namespace == rec.namespace and r.reserved_by is None]:
+            self._drop(old)  # a newer state of the same sequence replaces an unclaimed one
         records.append(rec)
         self.lru[id(rec)] = rec
         while len(self.lru) > self.pool.max_resume_states:
-            victim = next((r for r in self.lru.values() if r.reserved_by is None), None)
-            if victim is None:
+            free = [r for r in self.lru.values() if r.reserved_by is None]
+            if not free:
                 break
-            self._drop(victim)
+            # a session's next turn resumes from its finish state; snapshots serve edits and branches
+            self._drop(next((r for r in free if not r.finish), free[0]))
 
     def _touch(self, rec: ResumeRecord) -> None:
         if id(rec) in self.lru:

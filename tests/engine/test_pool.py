@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from sglang.srt.model_executor.pool_configurator import MemoryPoolConfig
 
 from dsv4_agent.model import DeepSeekV4Config, kv_bytes_per_token, marginal_kv_bytes_per_token, ops
 from dsv4_agent.serve.v4pool import (
@@ -14,6 +15,8 @@ from dsv4_agent.serve.v4pool import (
     V4KVPool,
     V4PoolConfigurator,
     page_bytes_per_token,
+    resume_state_cap,
+    tail_bytes,
 )
 
 
@@ -31,11 +34,39 @@ def test_pool_bytes_per_token_match_kv_bytes_per_token(shared_dir, name):
     assert abs(measured - per_token) / per_token < 0.10
     if name == "deepseek-v4-flash":
         assert measured == 3514.25  # spec section 10
-    # the configurator sizes SGLang's token budget with exactly this cost, after the fixed tail bytes
-    conf = V4PoolConfigurator(cfg, packed=True, fixed_bytes=10**6)
-    sizes = conf.calculate_pool_sizes(10**6 + 1000 * 3514.25 * 128, 128)
+    # the configurator sizes SGLang's token budget with exactly this cost, after the requested tails
+    conf = V4PoolConfigurator(cfg, packed=True, tail=1000, requested=4)  # 4 running + 16 resume states
+    sizes = conf.calculate_pool_sizes(20 * 1000 + 1000 * 3514.25 * 128, 128)
     if name == "deepseek-v4-flash":
         assert sizes.max_total_num_tokens == 128_000
+
+
+@pytest.mark.parametrize("requested", [None, 8, 4096])
+@pytest.mark.parametrize("name", ["deepseek-v4-flash", "deepseek-v4-pro"])
+def test_tails_fit_beside_the_pages(shared_dir, name, requested, monkeypatch):
+    """Running requests and resume states hold a tail each (24-36 MiB here): the pages leave room for them,
+    and the running limit SGLang resolves afterwards (>= 2048 by default) is lowered to what fits."""
+    monkeypatch.delenv("DSV4_AGENT_MAX_RESUME_STATES", raising=False)
+    cfg = _official(shared_dir, name)
+    conf = V4PoolConfigurator(cfg, packed=True, tail=tail_bytes(cfg), requested=requested)
+    budget = 60 * 2**30  # KV budget of one rank
+    config = conf.calculate_pool_sizes(budget, 128)
+    config.max_running_requests = requested or 2048  # what SGLang resolves
+    config = conf.finalize_with_max_running_requests(config)
+    running = config.max_running_requests
+    pages = config.max_total_num_tokens * page_bytes_per_token(cfg, packed=True)
+    tails = (running + resume_state_cap(running)) * tail_bytes(cfg)
+    assert pages + tails <= budget
+    assert budget - pages - tails < 3 * tail_bytes(cfg) + 128 * page_bytes_per_token(cfg, packed=True)
+    if requested == 8:
+        assert running == 8 and tails == (8 + 16) * tail_bytes(cfg)  # as asked: the pages make room
+    else:
+        assert tails <= budget * V4PoolConfigurator.TAIL_SHARE + 3 * tail_bytes(cfg)
+        assert 100 < running < 2048
+    # a token cap (--max-total-tokens) leaves more room: the running limit is kept when it fits
+    conf.calculate_pool_sizes(budget, 128)
+    capped = MemoryPoolConfig(max_total_num_tokens=1_000_064, max_running_requests=64)
+    assert conf.finalize_with_max_running_requests(capped).max_running_requests == 64
 
 
 def test_fp32_pool_cost(tiny_config):

@@ -314,6 +314,36 @@ def test_edited_truncated_or_repeated_history(servers):
     assert cached_tokens(got[-1]) == end
 
 
+def test_same_whole_page_prompt_again(servers):
+    """A prompt of exactly two pages sent twice (a client retry): SGLang computes at least one token, so the
+    state at 256 is one token too deep and the repeat resumes one page below; a changed reply still resumes
+    at 256."""
+    on, off = servers
+    prompt = tokens(161, 256)
+    variants = [prompt, prompt, prompt + tokens(162, 5)]
+    got = [call(on, ids, 4) for ids in variants]
+    assert outputs(got) == outputs(concurrently(off, variants, 4))
+    assert [cached_tokens(r) for r in got] == [0, 128, 256]
+
+
+def test_more_sessions_than_resume_states_allow(servers):
+    """Five sessions take turns on a server that keeps 6 resume states. Each turn leaves a page-aligned
+    state and a finish state; the page-aligned ones are evicted first, so each session keeps its finish
+    state and every next turn resumes exactly after the previous one (plain LRU dropped them)."""
+    _, off = servers
+    small = ServerProcess(COMMON[:2] + ["--max-total-tokens", "8192"] + COMMON[4:] + ["--enable-cache-report"],
+                          env={"DSV4_AGENT_MAX_RESUME_STATES": "6"})
+    with small:
+        sessions = [tokens(170 + i, 200 + 17 * i) for i in range(5)]
+        for turn in range(4):
+            prompts = [s + tokens(180 + turn, 3) if turn else s for s in sessions]
+            got = [call(small, ids, 4) for ids in prompts]
+            assert outputs(got) == outputs(concurrently(off, prompts, 4))
+            if turn:
+                assert [cached_tokens(r) for r in got] == [len(s) - 1 for s in sessions]  # all of the last turn
+            sessions = [ids + r["output_ids"] for ids, r in zip(prompts, got, strict=True)]
+
+
 def test_overlapping_requests_while_one_runs(servers):
     """Requests sharing a prefix with a request that is still decoding match its freshly inserted pages and
     states; identical extensions of one finished turn race for its incomplete page (one claims it, the others
@@ -390,6 +420,19 @@ def test_parallel_sampling_on_cached_prefix(servers):
     a, b = call(on, turn, 6, n=2), call(off, turn, 6, n=2)
     assert outputs(a) == outputs(b)
     assert all(cached_tokens(r) >= 128 for r in a)
+
+
+def test_sampled_copies_each_resume(servers):
+    """``n`` = 2 sampled copies end at the same length with different tokens: each leaves its own finish
+    state, so the next turn resumes exactly after whichever copy the client keeps."""
+    on, off = servers
+    prompt = tokens(133, 200)
+    copies = outputs(call(on, prompt, 6, n=2, temperature=1.0))
+    assert copies[0] != copies[1]
+    turns = [prompt + c + tokens(134, 2) for c in copies]
+    got = [call(on, ids, 3) for ids in turns]
+    assert outputs(got) == outputs(concurrently(off, turns, 3))
+    assert [cached_tokens(r) for r in got] == [len(prompt) + 5] * 2
 
 
 def test_stop_token_and_stop_string_then_next_turn(servers):
