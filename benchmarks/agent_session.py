@@ -348,6 +348,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="bfloat16", help="with --launch: float32 or bfloat16")
     p.add_argument("--max-total-tokens", type=int, default=131072, help="with --launch: KV pool size in tokens")
     p.add_argument("--sessions", type=int, default=3, help="sessions run interleaved (cache on)")
+    p.add_argument("--max-running-requests", type=int,
+                   help="with --launch: the servers' limit (default: one per session, at least 4)")
     p.add_argument("--turns", type=int, default=30, help="turns per session (agent sessions: 20-50)")
     p.add_argument("--off-sessions", type=int, default=1, help="sessions replayed with the cache off (0: none)")
     p.add_argument("--off-turns", type=int, default=10, help="turns replayed with the cache off")
@@ -379,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.launch or args.url):
         p.error("give --url (and optionally --url-off) or --launch")
     common = ["--model-path", str(model_dir), "--dtype", args.dtype, "--max-total-tokens", str(args.max_total_tokens),
-              "--max-running-requests", str(max(4, args.sessions)), "--enable-cache-report"]
+              "--max-running-requests", str(args.max_running_requests or max(4, args.sessions)), "--enable-cache-report"]
     t0 = time.perf_counter()
     on = run_against(args, common, args.url, tokenizer, args.sessions, args.turns, cache=True)
     off = None

@@ -209,6 +209,7 @@ class V4TailRadixCache(RadixCache):
         for old in [r for r in records if r.length == rec.length and r.tokens == rec.tokens
                     and r.namespace == rec.namespace and r.reserved_by is None]:
             self._drop(old)  # a newer state of the same sequence replaces an unclaimed one
+            rec.finish |= old.finish
         records.append(rec)
         self.lru[id(rec)] = rec
         while len(self.lru) > self.pool.max_resume_states:
