@@ -25,7 +25,8 @@ def _official(shared_dir, name: str) -> DeepSeekV4Config:
 
 
 @pytest.mark.parametrize("name", ["deepseek-v4-flash", "deepseek-v4-pro"])
-def test_pool_bytes_per_token_match_kv_bytes_per_token(shared_dir, name):
+def test_pool_bytes_per_token_match_kv_bytes_per_token(shared_dir, name, monkeypatch):
+    monkeypatch.delenv("DSV4_AGENT_MAX_RESUME_STATES", raising=False)
     cfg = _official(shared_dir, name)
     pool = V4KVPool(cfg, 8 * 128 - 128, 128, packed=True)  # 8 pages incl. SGLang's reserved page 0
     measured = pool.page_bytes / (pool.num_pages * 128)  # bytes the pool's tensors hold per token slot
