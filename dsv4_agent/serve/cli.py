@@ -13,8 +13,9 @@ are only defaults a user flag overrides:
   loaded config in every process; nothing on disk changes), merged into a user-given override;
 * no `--model-path`: the embedded tiny V4 model (built once, cached);
 * on a machine without CUDA: `SGLANG_USE_CPU_ENGINE=1`, the pure-torch `sgl_kernel` stand-in first on the
-  server's PYTHONPATH, and `--max-total-tokens 16384` unless a KV budget is given (otherwise SGLang sizes
-  the KV pool to ~70% of RAM).
+  server's PYTHONPATH, `--max-total-tokens 16384` unless a KV budget is given (otherwise SGLang sizes
+  the KV pool to ~70% of RAM), and `--sleep-on-idle` (an idle scheduler busy-polls a core; requests still
+  wake it at once).
 """
 
 from __future__ import annotations
@@ -121,6 +122,8 @@ def build_command(argv: list[str], *, cuda: bool | None = None) -> tuple[list[st
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(SHIM_DIR), os.environ.get("PYTHONPATH", "")) if p)
         if _flag(args, "--max-total-tokens") is None and _flag(args, "--mem-fraction-static") is None:
             args += ["--max-total-tokens", str(CPU_MAX_TOTAL_TOKENS)]
+        if "--sleep-on-idle" not in args:  # an idle scheduler busy-polls a whole core the agent's tools need
+            args.append("--sleep-on-idle")
     return args, env
 
 

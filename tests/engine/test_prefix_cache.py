@@ -327,15 +327,15 @@ def test_same_whole_page_prompt_again(servers):
 
 
 def test_more_sessions_than_resume_states_allow(servers):
-    """Five sessions take turns on a server that keeps 6 resume states. Each turn leaves a page-aligned
-    state and a finish state; the page-aligned ones are evicted first, so each session keeps its finish
-    state and every next turn resumes exactly after the previous one (plain LRU dropped them)."""
+    """Four sessions take turns on a server that keeps 5 resume states. Each turn leaves a page-aligned
+    snapshot and a finish state; snapshots are evicted first, so each session keeps its finish state and
+    every next turn resumes exactly after the previous one (plain LRU dropped them)."""
     _, off = servers
     small = ServerProcess(COMMON[:2] + ["--max-total-tokens", "8192"] + COMMON[4:] + ["--enable-cache-report"],
-                          env={"DSV4_AGENT_MAX_RESUME_STATES": "6"})
+                          env={"DSV4_AGENT_MAX_RESUME_STATES": "5"})
     with small:
-        sessions = [tokens(170 + i, 200 + 17 * i) for i in range(5)]
-        for turn in range(4):
+        sessions = [tokens(170 + i, 140 + 13 * i) for i in range(4)]
+        for turn in range(2):
             prompts = [s + tokens(180 + turn, 3) if turn else s for s in sessions]
             got = [call(small, ids, 4) for ids in prompts]
             assert outputs(got) == outputs(concurrently(off, prompts, 4))

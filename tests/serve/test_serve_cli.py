@@ -32,6 +32,7 @@ def test_official_checkpoint_routed_and_defaults_set(tmp_path):
     assert json.loads(_value(args, "--json-model-override-args")) == {"architectures": [MODEL_ARCH]}
     assert env["SGLANG_EXTERNAL_MODEL_PACKAGE"] == MODELS_PACKAGE
     assert "SGLANG_USE_CPU_ENGINE" not in env and "--max-total-tokens" not in args  # CUDA: no CPU setup
+    assert "--sleep-on-idle" not in args
 
 
 def test_user_flags_win_and_overrides_merge(tmp_path):
@@ -53,6 +54,7 @@ def test_cpu_setup(tmp_path, monkeypatch):
     assert env["PYTHONPATH"].split(":") == [str(SHIM_DIR), "/somewhere"]
     assert (SHIM_DIR / "sgl_kernel" / "__init__.py").is_file()
     assert _value(args, "--max-total-tokens") == str(CPU_MAX_TOTAL_TOKENS)
+    assert args.count("--sleep-on-idle") == 1  # an idle CPU server does not spin a core
     assert "--json-model-override-args" not in args  # not an official V4 checkpoint
     assert _value(args, "--served-model-name") == "deepseek-v4-other-model"
     args, _ = build_command(["--model-path", path, "--mem-fraction-static", "0.2"], cuda=False)
