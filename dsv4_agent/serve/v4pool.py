@@ -279,7 +279,8 @@ class V4PoolConfigurator(MemoryPoolConfigurator):
         self.requested = requested
         self.budget: int | None = None
 
-    def tails_bytes(self, running: int) -> int:
+    def reserved_bytes(self, running: int) -> int:
+        """Bytes of the tails of `running` requests and of their resume-state cap."""
         return (running + resume_state_cap(running)) * self.tail
 
     def running_within(self, room: float) -> int:
@@ -287,13 +288,13 @@ class V4PoolConfigurator(MemoryPoolConfigurator):
         lo, hi = 1, 1 << 20
         while lo < hi:
             mid = (lo + hi + 1) // 2
-            lo, hi = (mid, hi) if self.tails_bytes(mid) <= room else (lo, mid - 1)
+            lo, hi = (mid, hi) if self.reserved_bytes(mid) <= room else (lo, mid - 1)
         return lo
 
     def calculate_pool_sizes(self, available_bytes: int, page_size: int) -> MemoryPoolConfig:
         self.budget = available_bytes
         running = min(self.requested or 1 << 20, self.running_within(available_bytes * self.TAIL_SHARE))
-        tokens = int(max(available_bytes - self.tails_bytes(running), 0) // self.cell)
+        tokens = int(max(available_bytes - self.reserved_bytes(running), 0) // self.cell)
         return MemoryPoolConfig(max_total_num_tokens=tokens // page_size * page_size)
 
     def calculate_pool_sizes_from_max_tokens(self, max_total_num_tokens: int, page_size: int) -> MemoryPoolConfig:
