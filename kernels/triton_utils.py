@@ -37,10 +37,14 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+def _index(device: torch.device) -> int:
+    """A CUDA device's index (plain `cuda` is the current device)."""
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def pdl_supported(device: torch.device) -> bool:
     """Programmatic dependent launch (`launch_pdl`, griddepcontrol): a CUDA device of compute capability 9+."""
-    return device.type == "cuda" and not INTERPRET and _capability(device.index if device.index is not None else
-                                                                    torch.cuda.current_device()) >= 9
+    return device.type == "cuda" and not INTERPRET and _capability(_index(device)) >= 9
 
 
 @functools.cache
@@ -50,7 +54,7 @@ def _capability(index: int) -> int:
 
 def num_sms(device: torch.device) -> int:
     """Multiprocessors of a CUDA device (4 elsewhere: the interpreter only needs a plausible grid)."""
-    return _sm_count(device.index if device.index is not None else torch.cuda.current_device()) if device.type == "cuda" else 4
+    return _sm_count(_index(device)) if device.type == "cuda" else 4
 
 
 @triton.jit
@@ -72,8 +76,8 @@ def zeroed_workspace(device: torch.device, n: int) -> torch.Tensor:
     no memset: persistent per device, so launches sharing it must not overlap (one stream per device). While
     a CUDA graph is being captured before the device's first large-enough workspace exists, a fresh zeroed
     one (its zero fill is captured)."""
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
+    if device.type == "cuda":
+        device = torch.device("cuda", _index(device))
     kept = _WORKSPACES.setdefault(device, [])
     if not kept or kept[-1].numel() < n:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
